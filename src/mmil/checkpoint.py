@@ -1,0 +1,85 @@
+"""Checkpoint directories: ``model.safetensors`` (weights) + ``config.json``.
+
+``config.json`` holds ``{"format": "mmil-checkpoint", "version": 1, "model": NAME,
+"model_kwargs": {... in_dim, n_classes ...}, "extra": {...}}``; ``extra`` carries
+whatever the writer adds (training config, epoch, class names, metrics).
+Weights are read with safetensors only, so loading never executes code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .io import atomic_path, write_json
+from .models import create_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mmil-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not fit the request."""
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, model_name: str, model_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write weights then config, each atomically; the config is written last so a
+    directory with a config always has matching weights."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp))
+    write_json(directory / CONFIG_NAME, {"format": FORMAT, "version": 1, "model": model_name, "model_kwargs": model_kwargs, "extra": extra or {}})
+    return directory
+
+
+def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``config.json`` of a checkpoint directory."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: no checkpoint config here; pass a directory written by `mmil train` or `mmil import-checkpoint`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({err}); the checkpoint is corrupt, re-create it") from None
+    if cfg.get("format") != FORMAT or "model" not in cfg or "model_kwargs" not in cfg:
+        raise CheckpointError(f"{cfg_path}: not an mmil checkpoint config (missing 'format', 'model' or 'model_kwargs')")
+    return cfg
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", **override_kwargs) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model the config names and load its weights strictly.
+
+    ``override_kwargs`` replace model options that do not change the weights
+    (e.g. ``grouping`` or ``num_subbags`` at inference time).
+    Returns ``(model, config)``; the model is in eval mode.
+    """
+    directory = Path(directory)
+    cfg = read_checkpoint_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: weights file missing; the checkpoint directory is incomplete")
+    kwargs = dict(cfg["model_kwargs"])
+    kwargs.update(override_kwargs)
+    in_dim, n_classes = kwargs.pop("in_dim"), kwargs.pop("n_classes")
+    model = create_model(cfg["model"], in_dim=in_dim, n_classes=n_classes, **kwargs)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: cannot read weights ({err}); the file is corrupt, re-create the checkpoint") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights}: weights do not fit model {cfg['model']!r} built from {directory / CONFIG_NAME} "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); the checkpoint comes from another configuration"
+        )
+    model.to(map_location).eval()
+    cfg["model_kwargs"] = {"in_dim": in_dim, "n_classes": n_classes, **kwargs}
+    return model, cfg

@@ -1,0 +1,42 @@
+"""``mmil`` command line: argument parsing and printing only.
+
+Each sub-module adds its sub-commands with ``add_commands(subparsers)`` and sets
+``func`` on its parsers; the work itself lives in the library modules.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import CheckpointError
+from ..errors import MMILInputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, core, wsi
+
+    parser = argparse.ArgumentParser(prog="mmil", description="Multi-level MIL with Transformer for whole-slide image classification.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (core, wsi, bench):
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (MMILInputError, CheckpointError, FileNotFoundError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"mmil {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmil {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""(to be written)"""
+
+
+def add_commands(subparsers) -> None:
+    pass
