@@ -1,31 +1,14 @@
 """Atomic file writes: a result or checkpoint is either complete or absent."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
+# One atomic-write primitive for the whole distribution (mmil may use prunelimit, not the reverse).
+from prunelimit.io import atomic_path
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
-
-    On an exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+__all__ = ["atomic_path", "write_json", "write_text"]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
