@@ -1,0 +1,283 @@
+"""Cross-validation: folds -> train -> evaluate -> aggregate.
+
+Output directory layout::
+
+    DIR/config.yaml, config.json     the experiment (reproduce the run from it)
+    DIR/folds.json                   slide ids of train/val/test per fold
+    DIR/fold_k/checkpoint/           best model of fold k (safetensors + JSON)
+    DIR/fold_k/predictions.csv       slide_id,label,prob_0..,pred (mean over repeats)
+    DIR/fold_k/result.json           fold metrics; its presence marks the fold done
+    DIR/metrics.json                 summary: means over folds, *_std, folds list
+    DIR/roc.png                      ROC curves
+
+Rerunning the same command skips finished folds and resumes an interrupted fold
+from its last saved epoch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import ExperimentConfig, TrainConfig
+from .data.dataset import BagDataset
+from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
+from .errors import MMILInputError
+from .evaluate import METRIC_NAMES, json_safe, mean_std, predict_probs, predictions_csv, repeated_metrics
+from .io import write_json, write_text
+from .train import LAST_STATE_NAME, train_fold
+
+RESULT_NAME = "result.json"
+
+
+@dataclass
+class FoldOutcome:
+    """One evaluated fold.
+
+    Attributes:
+        fold: fold index.
+        metrics: test metrics: means over repeats (``auc``, ...), their
+            standard deviations (``auc_std``, ...), ``ensemble`` and per-repeat ``repeats``.
+        train_seconds: training wall time.
+        slide_ids, y_true: test bags and their labels.
+        probs: ``(n_test, C)`` probabilities averaged over repeats.
+        checkpoint_dir: best model of the fold.
+        n_train, n_val, n_test, best_epoch, epochs_run, stopped_early: bookkeeping.
+    """
+
+    fold: int
+    metrics: dict[str, Any]
+    train_seconds: float
+    slide_ids: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    checkpoint_dir: Path
+    n_train: int = 0
+    n_val: int = 0
+    n_test: int = 0
+    best_epoch: int = 0
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """The fold's entry in ``metrics.json``."""
+        d: dict[str, Any] = {"fold": self.fold}
+        for name in METRIC_NAMES:
+            d[name] = self.metrics[name]
+        for name in METRIC_NAMES:
+            d[f"{name}_std"] = self.metrics[f"{name}_std"]
+        d["ensemble"] = self.metrics["ensemble"]
+        d.update(
+            n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, best_epoch=self.best_epoch,
+            epochs_run=self.epochs_run, stopped_early=self.stopped_early, train_seconds=round(self.train_seconds, 3),
+        )
+        return d
+
+
+@dataclass
+class CrossValResult:
+    """All folds and the summary written to ``metrics.json``."""
+
+    folds: list[FoldOutcome]
+    summary: dict[str, Any]
+    out_dir: Path
+
+
+def summarize(outcomes: Sequence[FoldOutcome], header: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` content: for each metric its mean over folds (top level,
+    e.g. ``auc``) and standard deviation over folds (``auc_std``); the same for the
+    test-time ensemble (``ensemble``); the mean within-fold standard deviation over
+    repeats (``repeat_std``); total training time; and the ``folds`` list."""
+    out: dict[str, Any] = dict(header or {})
+    for name in METRIC_NAMES:
+        out[name], out[f"{name}_std"] = mean_std([o.metrics[name] for o in outcomes])
+    ens: dict[str, float] = {}
+    for name in METRIC_NAMES:
+        ens[name], ens[f"{name}_std"] = mean_std([o.metrics["ensemble"][name] for o in outcomes])
+    out["ensemble"] = ens
+    out["repeat_std"] = {name: mean_std([o.metrics[f"{name}_std"] for o in outcomes])[0] for name in METRIC_NAMES}
+    out["n_folds"] = len(outcomes)
+    out["train_seconds"] = round(sum(o.train_seconds for o in outcomes), 3)
+    out["folds"] = [o.summary() for o in outcomes]
+    return out
+
+
+def format_metrics_table(summary: dict[str, Any]) -> str:
+    """A plain-text table of the per-fold metrics and their mean ± std."""
+    cols = [("auc", "AUC"), ("accuracy", "acc"), ("balanced_accuracy", "bal_acc"), ("f1", "F1")]
+
+    def fmt(v) -> str:
+        return "   nan" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:6.4f}"
+
+    lines = [f"{'fold':>6} {'n_test':>6} {'best_ep':>7} " + " ".join(f"{h:>15}" for _, h in cols) + f" {'ens_AUC':>8} {'train_s':>8}"]
+    for f in summary["folds"]:
+        cells = " ".join(f"{fmt(f[k])} ± {fmt(f[k + '_std']).strip():>6}" for k, _ in cols)
+        lines.append(f"{f['fold']:>6} {f['n_test']:>6} {f['best_epoch']:>7} {cells} {fmt(f['ensemble']['auc']):>8} {f['train_seconds']:>8.1f}")
+    cells = " ".join(f"{fmt(summary[k])} ± {fmt(summary[k + '_std']).strip():>6}" for k, _ in cols)
+    lines.append(f"{'mean':>6} {'':>6} {'':>7} {cells} {fmt(summary['ensemble']['auc']):>8} {summary['train_seconds']:>8.1f}")
+    lines.append("(fold rows: mean ± std over the R evaluation repeats; mean row: mean ± std over folds; ens_AUC: AUC of the repeat-averaged probabilities)")
+    return "\n".join(lines)
+
+
+def _fold_plan_json(plan: list[FoldSplit], slide_ids: list[str]) -> list[dict[str, Any]]:
+    return [fs.to_dict(slide_ids) for fs in plan]
+
+
+#: Options that may differ when a run directory is reused (they do not change results).
+#: ``epochs`` is not among them: finished folds would mix two schedules.
+RUNTIME_OPTIONS = ("progress", "device", "num_workers")
+
+
+def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+    d = json.loads(json.dumps(cfg, default=str))
+    d.pop("features", None)
+    d.pop("labels", None)
+    for k in RUNTIME_OPTIONS:
+        d.get("train", {}).pop(k, None)
+    return d
+
+
+def cross_validate(
+    dataset: BagDataset,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    use_splits: bool = True,
+    experiment: ExperimentConfig | None = None,
+    validate_data: bool = True,
+) -> CrossValResult:
+    """Cross-validate ``model_name`` on ``dataset`` and write the run directory.
+
+    Folds: the label CSV's fixed split (one fold) or ``fold`` column when
+    ``use_splits``; otherwise stratified ``folds``-fold, patient-level when the
+    dataset has case ids. Each training part gives up ``cfg.val_fraction`` of its
+    bags (stratified, patient-level) as the validation set for early stopping.
+    ``seed`` fixes the fold assignment and the test-time seeds (repeat r uses
+    ``seed + r``); ``cfg.seed`` the training. Before anything is written, every
+    bag is read once (``validate_data``) and the model is built once, so bad
+    input fails with nothing on disk.
+    """
+    from .models import create_model
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MMILInputError(f"{out_dir}: exists and is not a directory; choose another --out")
+    dataset.require_labels("training")
+    if repeats < 1:
+        raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
+    try:
+        create_model(model_name, in_dim=dataset.in_dim, n_classes=dataset.n_classes, **kwargs)
+    except TypeError as err:
+        raise MMILInputError(f"{err}; check the model options") from None
+    plan = plan_folds(
+        dataset.labels,
+        k=folds,
+        seed=seed,
+        val_fraction=cfg.val_fraction,
+        groups=dataset.case_ids,
+        splits=dataset.splits if use_splits else None,
+        fold_ids=dataset.fold_ids if use_splits else None,
+    )
+    if dataset.case_ids is not None:
+        for fs in plan:
+            check_no_patient_leakage(dataset.case_ids, fs.train, fs.val, fs.test)
+    for fs in plan:
+        if len(np.unique(dataset.labels[fs.train])) < 2:
+            raise MMILInputError(f"fold {fs.fold}: the training part holds a single class; lower --folds or check the split")
+    if experiment is None:
+        experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits)
+    plan_json = _fold_plan_json(plan, dataset.slide_ids)
+    if (out_dir / "folds.json").is_file():
+        old_plan = json.loads((out_dir / "folds.json").read_text())
+        if old_plan != plan_json:
+            raise MMILInputError(f"{out_dir}: holds a run with other folds (other data, seed or --folds); use a fresh --out directory")
+    if (out_dir / "config.json").is_file():
+        old = json.loads((out_dir / "config.json").read_text())
+        if _comparable(old) != _comparable(experiment.to_dict()):
+            raise MMILInputError(f"{out_dir}: holds a run with another configuration (see its config.yaml); use a fresh --out directory or the same options")
+    if validate_data:
+        dataset.validate(progress=cfg.progress)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    experiment.save(out_dir)
+    write_json(out_dir / "folds.json", plan_json)
+    header = {
+        "model": model_name,
+        "model_kwargs": kwargs,
+        "n_bags": len(dataset),
+        "n_classes": dataset.n_classes,
+        "class_names": dataset.class_names,
+        "repeats": repeats,
+        "seed": seed,
+        "split": "fixed" if len(plan) == 1 else ("predefined" if use_splits and dataset.fold_ids is not None else "stratified-kfold" + ("-patient" if dataset.case_ids is not None else "")),
+    }
+    outcomes = [_run_fold(dataset, fs, model_name, kwargs, cfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
+    summary = json_safe(summarize(outcomes, header))
+    from .plots import plot_roc
+
+    plot_roc([o.y_true for o in outcomes], [o.probs for o in outcomes], out_dir / "roc.png", class_names=dataset.class_names, title=f"{model_name}: ROC, repeat-averaged test probabilities")
+    write_json(out_dir / "metrics.json", summary)
+    return CrossValResult(outcomes, summary, out_dir)
+
+
+def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[str, Any], cfg: TrainConfig, fold_dir: Path, repeats: int, seed: int) -> FoldOutcome:
+    test = dataset.subset(fs.test)
+    result_path = fold_dir / RESULT_NAME
+    if result_path.is_file():
+        return _load_outcome(result_path, fold_dir)
+    trained = train_fold(dataset.subset(fs.train), dataset.subset(fs.val), model_name, kwargs, cfg, fold_dir, extra={"fold": fs.fold})
+    from .checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(trained.checkpoint_dir, map_location=_device(cfg))
+    if trained.standardization is not None:
+        test = test.with_standardization(*trained.standardization)
+    probs_r = predict_probs(model, test, seed=seed, repeats=repeats, device=cfg.device, precision=cfg.precision, progress=False)
+    metrics = repeated_metrics(test.labels, probs_r)
+    probs = probs_r.mean(0)
+    outcome = FoldOutcome(
+        fs.fold, metrics, trained.train_seconds, test.slide_ids, test.labels, probs, trained.checkpoint_dir,
+        len(fs.train), len(fs.val), len(fs.test), trained.best_epoch, trained.epochs_run, trained.stopped_early,
+    )
+    write_text(fold_dir / "predictions.csv", predictions_csv(test.slide_ids, probs, test.labels))
+    record = json_safe(outcome.summary() | {"metrics": metrics, "slide_ids": test.slide_ids, "y_true": test.labels.tolist(), "probs": probs.tolist(), "probs_repeats": probs_r.tolist()})
+    write_json(result_path, record)
+    (fold_dir / LAST_STATE_NAME).unlink(missing_ok=True)  # the fold is done; its resume state is dead weight
+    return outcome
+
+
+def _device(cfg: TrainConfig):
+    from .evaluate import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def _load_outcome(path: Path, fold_dir: Path) -> FoldOutcome:
+    try:
+        r = json.loads(path.read_text())
+        metrics = _nan_back(r["metrics"])
+        return FoldOutcome(
+            int(r["fold"]), metrics, float(r["train_seconds"]), list(r["slide_ids"]), np.asarray(r["y_true"], dtype=np.int64),
+            np.asarray(r["probs"], dtype=np.float64), fold_dir / "checkpoint", int(r["n_train"]), int(r["n_val"]), int(r["n_test"]),
+            int(r["best_epoch"]), int(r["epochs_run"]), bool(r["stopped_early"]),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise MMILInputError(f"{path}: unreadable fold result ({err}); delete it to re-evaluate this fold") from None
+
+
+def _nan_back(obj):
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: _nan_back(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_back(v) for v in obj]
+    return obj

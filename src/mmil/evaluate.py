@@ -1,0 +1,271 @@
+"""Metrics, repeated stochastic evaluation and test-time ensembles.
+
+The paper's protocol (spec §1.9): a stochastic model (random grouping) is run R
+times on the test set with seeds ``seed .. seed + R - 1``; the reported figure
+is the mean (here also the standard deviation) of each run's metric. Beside it
+we report the *test-time ensemble*: the metric of the probabilities averaged
+over the R runs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.bags import Bag
+from .errors import MMILInputError
+from .models.base import MILOutput
+
+METRIC_NAMES = ("auc", "accuracy", "balanced_accuracy", "f1")
+
+
+# ----------------------------------------------------------------- metrics
+def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of scores for the positive class ``y_true == 1``.
+
+    AUC = P(score of a random positive > score of a random negative) + 0.5 P(tie)
+    (the Mann-Whitney statistic). NaN when one class is absent.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y_true = np.asarray(y_true)
+    if len(np.unique(y_true)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y_true, scores))
+
+
+def classification_metrics(y_true: Sequence[int], probs: np.ndarray) -> dict[str, float]:
+    """Metrics of one set of predicted probabilities ``probs`` ``(n, C)``.
+
+    * ``auc``: binary ROC AUC of ``probs[:, 1]`` when C = 2; for C > 2 the macro
+      average of one-vs-rest AUCs over the classes present in ``y_true`` (with
+      at least one negative). NaN when undefined (a single class in ``y_true``).
+    * ``accuracy``: mean of ``argmax(probs) == y``.
+    * ``balanced_accuracy``: mean over the classes present in ``y_true`` of the
+      per-class recall.
+    * ``f1``: macro F1 over the classes present in ``y_true`` or predicted.
+    """
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] != len(y):
+        raise ValueError(f"probs must have shape (n, C) with n={len(y)}, got {p.shape}")
+    if len(y) == 0:
+        raise ValueError("cannot compute metrics of an empty set")
+    if (y < 0).any() or (y >= p.shape[1]).any():
+        raise ValueError(f"labels must lie in 0..{p.shape[1] - 1}")
+    pred = p.argmax(1)
+    if p.shape[1] == 2:
+        auc = binary_auc(y, p[:, 1])
+    else:
+        per_class = [binary_auc((y == c).astype(int), p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
+        auc = float(np.mean(per_class)) if per_class else float("nan")
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true": expected on small test folds
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, pred))
+    return {
+        "auc": auc,
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": balanced,
+        "f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (``ddof=0``) of finite values; NaN if none."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std())
+
+
+def repeated_metrics(y_true: Sequence[int], probs_r: np.ndarray) -> dict[str, Any]:
+    """The paper's protocol on ``probs_r`` ``(R, n, C)``: per-repeat metrics, their
+    mean (``auc``, ...) and standard deviation (``auc_std``, ...) over repeats, and
+    the test-time ensemble (``ensemble``: metrics of ``probs_r.mean(0)``)."""
+    probs_r = np.asarray(probs_r)
+    if probs_r.ndim != 3:
+        raise ValueError(f"expected probabilities of shape (repeats, n, C), got {probs_r.shape}")
+    per_repeat = [classification_metrics(y_true, p) for p in probs_r]
+    out: dict[str, Any] = {}
+    for name in METRIC_NAMES:
+        out[name], out[f"{name}_std"] = mean_std([m[name] for m in per_repeat])
+    out["ensemble"] = classification_metrics(y_true, probs_r.mean(0))
+    out["repeats"] = per_repeat
+    return out
+
+
+def json_safe(obj: Any) -> Any:
+    """Replace NaN/inf floats by ``None`` (JSON has no NaN) recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+# ----------------------------------------------------------------- inference
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise MMILInputError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MMILInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for ``precision`` (``"bf16"`` on CPU or CUDA; ``"fp32"`` = off)."""
+    if precision not in ("fp32", "bf16"):
+        raise MMILInputError(f"precision must be fp32 or bf16, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_bag(model: nn.Module, bag: Bag, *, device: torch.device, seed: int | None, precision: str = "fp32", return_scores: bool = False) -> MILOutput:
+    """Run ``model`` on one bag (batch of one), passing coordinates and groups when the bag has them."""
+    x = bag.features.to(device, non_blocking=True).unsqueeze(0)
+    kwargs: dict[str, Any] = {"seed": seed}
+    if bag.coords is not None:
+        kwargs["coords"] = bag.coords.to(device).unsqueeze(0)
+    if bag.groups is not None:
+        kwargs["groups"] = bag.groups.to(device).unsqueeze(0)
+    if return_scores:
+        kwargs["return_scores"] = True
+    with autocast(device, precision):
+        return model(x, None, **kwargs)
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    dataset,
+    *,
+    seed: int = 0,
+    repeats: int = 1,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+) -> np.ndarray:
+    """Class probabilities ``(repeats, n_bags, n_classes)``; repeat ``r`` runs every
+    bag with seed ``seed + r`` (model in eval mode: no dropout)."""
+    from tqdm.auto import tqdm
+
+    if repeats < 1:
+        raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
+    dev = resolve_device(device)
+    was_training = model.training
+    model.eval()
+    out = None
+    try:
+        for i in tqdm(range(len(dataset)), desc="predicting", disable=not (progress and sys.stderr.isatty()), leave=False):
+            bag = dataset[i]
+            for r in range(repeats):
+                p = forward_bag(model, bag, device=dev, seed=seed + r, precision=precision).probs[0].float().cpu().numpy()
+                if out is None:
+                    out = np.zeros((repeats, len(dataset), p.shape[0]), dtype=np.float64)
+                out[r, i] = p
+    finally:
+        model.train(was_training)
+    if out is None:
+        raise MMILInputError("no bags to predict")
+    return out
+
+
+# ----------------------------------------------------------------- checkpoints
+def load_for_inference(checkpoint_dir: str | Path, dataset, *, device: str | torch.device = "cpu", **override_kwargs):
+    """Load a checkpoint and fit ``dataset`` to it.
+
+    Checks the feature dimension against the checkpoint's ``in_dim`` (one-line
+    error naming both), re-codes labels with the checkpoint's class names and
+    applies the feature standardisation stored at training time.
+    Returns ``(model, dataset, config)``.
+    """
+    from .checkpoint import load_checkpoint, read_checkpoint_config
+
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = read_checkpoint_config(checkpoint_dir)
+    ckpt_dim = int(cfg["model_kwargs"].get("in_dim", -1))
+    if ckpt_dim != dataset.in_dim:
+        raise MMILInputError(
+            f"{checkpoint_dir}: checkpoint expects in_dim={ckpt_dim} features but {dataset.source} has dimension {dataset.in_dim}; "
+            "use a checkpoint trained on features from the same encoder"
+        )
+    try:
+        model, cfg = load_checkpoint(checkpoint_dir, map_location=resolve_device(device), **override_kwargs)
+    except TypeError as err:
+        raise MMILInputError(f"{checkpoint_dir}: {err}; drop the option") from None
+    extra = cfg.get("extra", {})
+    names = extra.get("class_names")
+    if names:
+        if int(cfg["model_kwargs"]["n_classes"]) != len(names):
+            raise MMILInputError(f"{checkpoint_dir}: config lists {len(names)} class names for a {cfg['model_kwargs']['n_classes']}-class model; the checkpoint is corrupt")
+        if (dataset.labels >= 0).any():
+            dataset = dataset.with_class_names(names)
+        else:
+            dataset = dataset.without_labels()
+            dataset.class_names = list(names)
+    elif dataset.n_classes > int(cfg["model_kwargs"]["n_classes"]):
+        raise MMILInputError(f"{dataset.source}: {dataset.n_classes} classes but the checkpoint's model has {cfg['model_kwargs']['n_classes']}")
+    std = extra.get("standardize")
+    if std:
+        dataset = dataset.with_standardization(np.asarray(std["mean"], np.float32), np.asarray(std["std"], np.float32))
+    return model, dataset, cfg
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str | Path,
+    dataset,
+    *,
+    repeats: int = 10,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    progress: bool = False,
+    **override_kwargs,
+) -> dict[str, Any]:
+    """Repeated evaluation of a checkpoint on a labelled dataset (see :func:`repeated_metrics`)."""
+    model, dataset, cfg = load_for_inference(checkpoint_dir, dataset, device=device, **override_kwargs)
+    _require_every_label(dataset)
+    probs = predict_probs(model, dataset, seed=seed, repeats=repeats, device=device, precision=precision, progress=progress)
+    result = repeated_metrics(dataset.labels, probs)
+    result.update({"n_bags": len(dataset), "repeats_count": repeats, "seed": seed, "checkpoint": str(checkpoint_dir), "class_names": dataset.class_names})
+    return result
+
+
+def _require_every_label(dataset) -> None:
+    missing = [s for s, y in zip(dataset.slide_ids, dataset.labels) if y < 0]
+    if missing:
+        raise MMILInputError(f"{dataset.source}: {len(missing)} slide(s) without a label ({', '.join(missing[:5])}); evaluation needs a label for every slide")
+
+
+def predictions_csv(slide_ids: Sequence[str], probs: np.ndarray, labels: Sequence[int] | None = None) -> str:
+    """CSV text ``slide_id[,label],prob_0,...,prob_{C-1},pred`` (pred = argmax class index)."""
+    probs = np.asarray(probs)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["slide_id"] + (["label"] if labels is not None else []) + [f"prob_{c}" for c in range(probs.shape[1])] + ["pred"]
+    w.writerow(head)
+    for i, sid in enumerate(slide_ids):
+        row = [sid] + ([int(labels[i])] if labels is not None else []) + [f"{v:.6f}" for v in probs[i]] + [int(probs[i].argmax())]
+        w.writerow(row)
+    return buf.getvalue()
