@@ -1,0 +1,336 @@
+"""Patch features per slide, written in CLAM's feature-file layout.
+
+``<out>/<slide_id>.h5``: dataset ``features`` (N, D) float32 and ``coords`` (N, 2)
+int64 (level-0 top-left corners, same order; the coordinate file's attributes are
+copied onto it), plus file attributes naming the backbone and preprocessing.
+Files are written atomically, so an existing file is complete: reruns skip it
+(resume). Which region each patch covers comes from the coordinate file:
+
+* ours and CLAM's: read ``patch_size`` pixels at ``patch_level``;
+* TRIDENT's (no ``patch_level``): read ``patch_size_level0`` pixels at level 0.
+
+Each patch is then resized once, to the backbone's input size (224 for
+``resnet50-trunc``, CLAM's default) or, with ``input_size=None``, to the coordinate
+file's ``target_patch_size`` (which undoes a rescaled read: 512 px at 40x -> 256).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import __version__
+from ..errors import MMILInputError
+from ..io import atomic_path, write_json, write_text
+from .backbones import Backbone, build_backbone
+from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb
+from .tiling import find_coords_dir
+from .transforms import PatchTransform
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``mmil extract``."""
+
+    backbone: str = "resnet50-trunc"
+    weights: str | None = None
+    random_weights: bool = False
+    seed: int = 0
+    input_size: int | None = -1
+    """Side patches are resized to: -1 = the backbone's default, None/0 = the coordinate file's target size."""
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
+    """fp32, fp16 or bf16 autocast on CUDA (auto: bf16 where supported, else fp16); always fp32 on CPU."""
+    overwrite: bool = False
+    shard: tuple[int, int] | None = None
+    """(index, count), zero-based index; ``None`` = all slides, or this rank's share under torchrun."""
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.shard is not None:
+            i, n = self.shard
+            if not (n >= 1 and 0 <= i < n):
+                raise ValueError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
+
+
+@dataclass
+class PatchPlan:
+    """How to read the patches of one slide."""
+
+    coords: np.ndarray  # (N, 2) int64, level 0
+    level: int
+    read_size: int
+    target_size: int
+    attrs: dict[str, Any]
+
+
+@dataclass
+class ExtractResult:
+    slide: str
+    n_patches: int
+    seconds: float
+    status: str  # "ok", "exists", "skipped" (no coordinate file), "failed"
+    error: str = ""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def resolve_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """The explicit shard, else torchrun's ``(RANK, WORLD_SIZE)``, else ``(0, 1)``."""
+    if shard is not None:
+        return shard
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    return 0, 1
+
+
+def shard_items(items: Sequence, index: int, count: int) -> list:
+    """Round-robin share ``items[index::count]`` (shares are disjoint and cover ``items``)."""
+    return list(items[index::count])
+
+
+def resolve_device(device: str, env: dict[str, str] | None = None) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` (torchrun) or ``cuda`` when available, else ``cpu``."""
+    env = os.environ if env is None else env
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{int(env.get('LOCAL_RANK', 0))}")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise MMILInputError(f"--device {device!r}: {err}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MMILInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device``; ``None`` = no autocast (fp32 or CPU)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _attrs(obj) -> dict[str, Any]:
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
+
+
+def read_patch_plan(path: str | Path) -> PatchPlan:
+    """Coordinates and read geometry from a coordinate (or feature) ``.h5`` file."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise MMILInputError(f"{path}: no 'coords' dataset; pass coordinate files written by `mmil tile` (or CLAM/TRIDENT)")
+            coords = np.asarray(f["coords"][()])
+            attrs = {**_attrs(f), **_attrs(f["coords"])}
+    except OSError as err:
+        raise MMILInputError(f"{path}: cannot read HDF5 ({err}); the file is corrupt or truncated, re-run `mmil tile`") from None
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
+        raise MMILInputError(f"{path}: 'coords' must have shape (N, 2) with N > 0, got {coords.shape}")
+    if not np.all(np.isfinite(coords)) or not np.array_equal(coords, np.round(coords)):
+        raise MMILInputError(f"{path}: 'coords' must hold whole level-0 pixel positions")
+    coords = coords.astype(np.int64)
+    if "patch_level" in attrs and "patch_size" in attrs:
+        level, read = int(attrs["patch_level"]), int(attrs["patch_size"])
+        target = int(attrs.get("target_patch_size", read))
+    elif "patch_size_level0" in attrs and "patch_size" in attrs:  # TRIDENT layout
+        level, read, target = 0, int(attrs["patch_size_level0"]), int(attrs["patch_size"])
+    else:
+        raise MMILInputError(f"{path}: 'coords' lacks the patch_size/patch_level attributes that say what to read; re-create it with `mmil tile`")
+    if read < 1 or target < 1 or level < 0:
+        raise MMILInputError(f"{path}: invalid patch geometry (patch_size={read}, patch_level={level}, target_patch_size={target})")
+    return PatchPlan(coords, level, read, target, attrs)
+
+
+class SlidePatchDataset(Dataset):
+    """Patches of one slide as normalised tensors; each worker opens its own slide handle."""
+
+    def __init__(self, slide_path: str | Path, plan: PatchPlan, transform: PatchTransform):
+        self.slide_path = Path(slide_path)
+        self.plan = plan
+        self.transform = transform
+        self._slide = None
+
+    def __len__(self) -> int:
+        return int(self.plan.coords.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._slide is None:
+            self._slide = open_slide(self.slide_path)
+        x, y = self.plan.coords[i]
+        rgb = read_rgb(self._slide, (int(x), int(y)), self.plan.level, (self.plan.read_size, self.plan.read_size))
+        return self.transform(rgb)
+
+    def __getstate__(self):
+        # OpenSlide handles cannot cross process boundaries: workers reopen the slide.
+        state = dict(self.__dict__)
+        state["_slide"] = None
+        return state
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+
+def check_plan_fits_slide(plan: PatchPlan, slide, coords_path: Path, slide_path: Path) -> None:
+    """Raise when the coordinate file cannot belong to this slide (level or coordinates out of range)."""
+    if plan.level >= slide.level_count:
+        raise MMILInputError(f"{coords_path}: patch_level {plan.level} but {slide_path} has {slide.level_count} levels; the coordinates belong to another slide")
+    w0, h0 = slide.level_dimensions[0]
+    if plan.coords.min() < 0 or plan.coords[:, 0].max() >= w0 or plan.coords[:, 1].max() >= h0:
+        raise MMILInputError(f"{coords_path}: coordinates fall outside {slide_path} ({w0} x {h0} at level 0); the coordinates belong to another slide")
+
+
+def embed_patches(backbone: Backbone, dataset: Dataset, *, batch_size: int, workers: int, device: torch.device, precision: str, progress: bool = False, desc: str = "") -> np.ndarray:
+    """Run the backbone over a patch dataset in order; returns ``(N, D)`` float32."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
+    dtype = autocast_dtype(precision, device)
+    cast = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    out = np.empty((len(dataset), backbone.out_dim), dtype=np.float32)
+    pos = 0
+    with torch.inference_mode(), cast:
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+            feats = backbone.model(batch.to(device, non_blocking=True)).float().cpu().numpy()
+            out[pos : pos + feats.shape[0]] = feats
+            pos += feats.shape[0]
+    return out
+
+
+def write_features_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict, file_attrs: dict) -> None:
+    """Write ``features`` (float32) and ``coords`` (int64) atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for k, v in coords_attrs.items():
+                ds.attrs[k] = v
+            for k, v in file_attrs.items():
+                f.attrs[k] = v
+
+
+def features_complete(path: Path) -> int | None:
+    """Number of patches in a finished feature file, or ``None`` when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            n = f["features"].shape[0]
+            return int(n) if f["coords"].shape[0] == n else None
+    except (OSError, KeyError):
+        return None
+
+
+def extract_slide(slide_path: Path, coords_path: Path, out_path: Path, backbone: Backbone, cfg: ExtractConfig, device: torch.device, progress: bool = False) -> int:
+    """Features of one slide, written to ``out_path``; returns the number of patches."""
+    plan = read_patch_plan(coords_path)
+    slide = open_slide(slide_path)
+    try:
+        check_plan_fits_slide(plan, slide, coords_path, slide_path)
+    finally:
+        slide.close()
+    size = backbone.input_size or plan.target_size
+    dataset = SlidePatchDataset(slide_path, plan, PatchTransform(size, backbone.mean, backbone.std))
+    try:
+        feats = embed_patches(backbone, dataset, batch_size=cfg.batch_size, workers=cfg.workers, device=device, precision=cfg.precision, progress=progress, desc=slide_path.name)
+    finally:
+        dataset.close()
+    if not np.all(np.isfinite(feats)):
+        raise MMILInputError(f"{slide_path}: the backbone produced non-finite features (overflow under --precision {cfg.precision}); rerun with --precision fp32 or bf16")
+    file_attrs = {
+        "backbone": backbone.name,
+        "weights": os.path.basename(backbone.weights) if backbone.weights else "random",
+        "input_size": np.int64(size),
+        "mean": np.asarray(backbone.mean, dtype=np.float64),
+        "std": np.asarray(backbone.std, dtype=np.float64),
+        "mmil_version": __version__,
+    }
+    write_features_h5(out_path, feats, plan.coords, plan.attrs, file_attrs)
+    return int(feats.shape[0])
+
+
+def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path, out_dir: str | Path, cfg: ExtractConfig, progress: bool = True, backbone: Backbone | None = None) -> list[ExtractResult]:
+    """Extract features for this shard's slides; failures are recorded and the run continues.
+
+    Writes ``extract_config.json`` and ``extract_summary.csv`` in ``out_dir`` (with a
+    ``.shardI-of-N`` suffix when sharded, so ranks never write the same file).
+    """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    cfg.validate()
+    coords_dir = find_coords_dir(coords_dir)
+    out_dir = Path(out_dir)
+    index, count = resolve_shard(cfg.shard)
+    mine = shard_items(sorted(slides, key=lambda t: t[0]), index, count)
+    device = resolve_device(cfg.device)
+    show = progress and sys.stderr.isatty()
+    todo = [(sid, p) for sid, p in mine if cfg.overwrite or features_complete(out_dir / f"{sid}.h5") is None]
+    if backbone is None and todo:  # built before anything is written: a bad backbone leaves no output
+        backbone = build_backbone(cfg.backbone, cfg.weights, random_weights=cfg.random_weights, seed=cfg.seed, input_size=cfg.input_size)
+    if backbone is not None:
+        backbone.model.to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if count == 1 else f".shard{index}-of-{count}"
+    write_json(out_dir / f"extract_config{suffix}.json", {**dataclass_to_dict(cfg), "shard": [index, count], "device": str(device)})
+    results: list[ExtractResult] = []
+    for slide_id, slide_path in tqdm(mine, desc=f"extract (shard {index}/{count})", unit="slide", disable=not show):
+        out_path = out_dir / f"{slide_id}.h5"
+        done = features_complete(out_path)
+        if done is not None and not cfg.overwrite:
+            results.append(ExtractResult(slide_id, done, 0.0, "exists"))
+            continue
+        coords_path = coords_dir / f"{slide_id}.h5"
+        if not coords_path.is_file():
+            results.append(ExtractResult(slide_id, 0, 0.0, "skipped", f"{coords_path}: no coordinate file (tiling failed or found no tissue; see the tiling summary.csv)"))
+            continue
+        t0 = time.perf_counter()
+        try:
+            n = extract_slide(Path(slide_path), coords_path, out_path, backbone, cfg, device, progress=show)
+            results.append(ExtractResult(slide_id, n, time.perf_counter() - t0, "ok"))
+        except per_slide_errors() as err:
+            results.append(ExtractResult(slide_id, 0, time.perf_counter() - t0, "failed", describe_slide_error(err, slide_path)))
+    name = f"extract_summary{suffix}.csv"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("slide", "n_patches", "seconds", "status", "error"))
+    for r in results:
+        writer.writerow([r.slide, r.n_patches, f"{r.seconds:.3f}", r.status, r.error])
+    write_text(out_dir / name, buf.getvalue())
+    return results

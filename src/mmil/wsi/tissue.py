@@ -1,0 +1,240 @@
+"""Tissue segmentation on a low-resolution image of the slide.
+
+The recipe follows CLAM's (saturation channel, median blur, threshold, closing,
+connected regions filtered by area, large holes kept out), written with numpy and
+scipy.ndimage only:
+
+1. ``S`` = HSV saturation of the RGB image, ``(max - min) / max`` scaled to 0..255.
+2. Median filter of size ``median_size`` (CLAM ``mthresh`` = 7).
+3. Threshold: Otsu's (default), never below ``sthresh`` so a blank slide gives no
+   tissue; or the fixed ``sthresh`` (CLAM default 8) with ``use_otsu=False``.
+4. Morphological closing with a ``close_size`` square (CLAM ``close`` = 4).
+5. Connected regions (8-connected, like contours). For each region its holes
+   (background enclosed by it) larger than ``min_hole_area`` stay excluded, at most
+   ``max_holes`` of them, the largest first; smaller holes count as tissue. A region
+   is kept when its area minus its excluded holes exceeds ``min_tissue_area``.
+
+Areas are in *reference patches*: squares of ``ref_patch_um`` = 128 um per side,
+i.e. CLAM's 512-px reference patch at 40x (0.25 um/px) and one 256-px patch at 20x.
+So CLAM's defaults ``a_t = 100`` and ``a_h = 16`` mean the same physical areas here
+(about 1.6 mm^2 and 0.26 mm^2) whatever the scanner's resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+@dataclass
+class TissueParams:
+    """Tissue segmentation options (CLAM defaults; areas in 128-um reference patches)."""
+
+    seg_downsample: float = 32.0
+    """Segment on the best level at or below this downsample (coarser if the image would exceed ``max_seg_pixels``)."""
+    max_seg_pixels: int = 16_000_000
+    use_otsu: bool = True
+    sthresh: int = 8
+    median_size: int = 7
+    close_size: int = 4
+    min_tissue_area: float = 100.0
+    min_hole_area: float = 16.0
+    max_holes: int = 8
+    ref_patch_um: float = 128.0
+
+    def validate(self) -> None:
+        if self.seg_downsample < 1:
+            raise ValueError(f"seg_downsample must be >= 1, got {self.seg_downsample}")
+        if not 0 <= self.sthresh <= 255:
+            raise ValueError(f"sthresh must be in 0..255, got {self.sthresh}")
+        if self.median_size < 1 or self.close_size < 0:
+            raise ValueError("median_size must be >= 1 and close_size >= 0")
+        if self.min_tissue_area < 0 or self.min_hole_area < 0 or self.max_holes < 0:
+            raise ValueError("min_tissue_area, min_hole_area and max_holes must be >= 0")
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask and its placement on level 0.
+
+    ``mask[r, c]`` covers level-0 pixels ``[c*sx, (c+1)*sx) x [r*sy, (r+1)*sy)``.
+    """
+
+    mask: np.ndarray
+    scale: tuple[float, float]
+    threshold: float
+
+    def tissue_fraction(self, x0: np.ndarray, y0: np.ndarray, size0: float) -> np.ndarray:
+        """Fraction of tissue in level-0 squares ``[x0, x0+size0) x [y0, y0+size0)`` (see :func:`box_fractions`)."""
+        sx, sy = self.scale
+        x0 = np.asarray(x0, dtype=np.float64)
+        y0 = np.asarray(y0, dtype=np.float64)
+        return box_fractions(self.mask, x0 / sx, y0 / sy, (x0 + size0) / sx, (y0 + size0) / sy)
+
+    @property
+    def area_level0(self) -> float:
+        """Tissue area in level-0 pixels."""
+        return float(self.mask.sum()) * self.scale[0] * self.scale[1]
+
+
+def rgb_saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation as uint8: ``S = 255 * (max - min) / max`` per pixel, 0 where ``max = 0``."""
+    rgb = np.asarray(rgb)
+    mx = rgb.max(axis=-1).astype(np.float32)
+    mn = rgb.min(axis=-1).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where(mx > 0, 255.0 * (mx - mn) / mx, 0.0)
+    return np.clip(np.rint(s), 0, 255).astype(np.uint8)
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold of 8-bit values: the ``t`` maximising the between-class variance.
+
+    Classes are ``v <= t`` and ``v > t``; with ``w(t) = P(v <= t)``,
+    ``m(t) = sum_{i<=t} i p_i`` and total mean ``m_T``:
+    ``sigma_B^2(t) = (m_T w(t) - m(t))^2 / (w(t) (1 - w(t)))``.
+    The first maximiser is returned; ``0`` for constant input.
+    """
+    v = np.asarray(values)
+    if v.size == 0:
+        raise ValueError("Otsu threshold of an empty array")
+    if v.dtype != np.uint8:
+        v = np.clip(np.rint(v), 0, 255).astype(np.uint8)
+    p = np.bincount(v.ravel(), minlength=256).astype(np.float64)
+    p /= p.sum()
+    w = np.cumsum(p)
+    m = np.cumsum(p * np.arange(256))
+    denom = w * (1.0 - w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sigma = np.where(denom > 1e-12, (m[-1] * w - m) ** 2 / denom, 0.0)
+    return int(np.argmax(sigma))
+
+
+def integral_image(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table ``F`` with ``F[j, i] = sum(mask[:j, :i])`` (one extra row and column of zeros)."""
+    F = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.float64)
+    F[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.float64), axis=1)
+    return F
+
+
+def _integral_at(F: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Exact integral of the mask over ``[0, u) x [0, v)`` at real (u, v).
+
+    The mask is constant on unit cells, so the integral is bilinear inside each cell
+    and bilinear interpolation of the table ``F`` at (u, v) is exact.
+    """
+    h, w = F.shape[0] - 1, F.shape[1] - 1
+    u = np.clip(u, 0.0, w)
+    v = np.clip(v, 0.0, h)
+    i = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
+    j = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
+    fu = u - i
+    fv = v - j
+    i1 = np.minimum(i + 1, w)
+    j1 = np.minimum(j + 1, h)
+    return (
+        F[j, i] * (1 - fu) * (1 - fv)
+        + F[j, i1] * fu * (1 - fv)
+        + F[j1, i] * (1 - fu) * fv
+        + F[j1, i1] * fu * fv
+    )
+
+
+def box_fractions(mask: np.ndarray, u0, v0, u1, v1) -> np.ndarray:
+    """Exact fraction of ``mask`` inside boxes ``[u0, u1) x [v0, v1)`` in mask-pixel units.
+
+    Parts of a box outside the mask count as background. Boxes of zero area give 0.
+    """
+    F = integral_image(np.asarray(mask, dtype=bool))
+    u0, v0, u1, v1 = (np.asarray(a, dtype=np.float64) for a in (u0, v0, u1, v1))
+    inside = _integral_at(F, u1, v1) - _integral_at(F, u0, v1) - _integral_at(F, u1, v0) + _integral_at(F, u0, v0)
+    area = (u1 - u0) * (v1 - v0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(area > 0, inside / area, 0.0)
+
+
+def _closing(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary closing with a ``size`` x ``size`` square, padded so image borders do not erode."""
+    if size <= 1:
+        return mask
+    pad = size
+    padded = np.pad(mask, pad, mode="constant", constant_values=False)
+    closed = ndimage.binary_closing(padded, structure=np.ones((size, size), dtype=bool))
+    return closed[pad:-pad, pad:-pad]
+
+
+def filter_regions(mask: np.ndarray, min_area: float, min_hole_area: float, max_holes: int) -> np.ndarray:
+    """Keep 8-connected regions with enough tissue; exclude their large holes.
+
+    For a region R with holes H_1..H_m (enclosed background, largest first), the
+    excluded holes are the first ``max_holes`` with ``area > min_hole_area``; R is kept
+    when ``area(fill(R)) - sum(area(excluded)) > min_area``, and contributes
+    ``fill(R)`` minus its excluded holes. Areas in mask pixels.
+    """
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    out = np.zeros(mask.shape, dtype=bool)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        region = labels[box] == k
+        filled = ndimage.binary_fill_holes(region)
+        holes = filled & ~region
+        keep = filled.copy()
+        if holes.any() and max_holes > 0:
+            hole_labels, n_holes = ndimage.label(holes)
+            areas = np.bincount(hole_labels.ravel(), minlength=n_holes + 1)[1:]
+            order = np.argsort(-areas, kind="stable")
+            big = [h + 1 for h in order if areas[h] > min_hole_area][:max_holes]
+            if big:
+                keep &= ~np.isin(hole_labels, big)
+        if keep.sum() > min_area:
+            out[box] |= keep
+    return out
+
+
+def segment_tissue_image(rgb: np.ndarray, params: TissueParams, pixel_area_um2: float) -> tuple[np.ndarray, float]:
+    """Tissue mask of an RGB image whose pixels each cover ``pixel_area_um2`` square microns.
+
+    Returns ``(mask, threshold)``; see the module docstring for the steps.
+    """
+    params.validate()
+    sat = rgb_saturation(rgb)
+    if params.median_size > 1:
+        sat = ndimage.median_filter(sat, size=params.median_size, mode="nearest")
+    threshold = float(max(otsu_threshold(sat), params.sthresh)) if params.use_otsu else float(params.sthresh)
+    mask = sat > threshold
+    mask = _closing(mask, params.close_size)
+    ref_area_px = params.ref_patch_um**2 / pixel_area_um2
+    mask = filter_regions(mask, params.min_tissue_area * ref_area_px, params.min_hole_area * ref_area_px, params.max_holes)
+    return mask, threshold
+
+
+def segment_slide(slide, params: TissueParams, mpp: float) -> TissueMask:
+    """Segment an open slide: read it at about ``seg_downsample`` and run :func:`segment_tissue_image`.
+
+    ``mpp`` is the level-0 microns per pixel (used for the area thresholds).
+    """
+    from .slide import choose_level, read_downsampled, read_rgb  # noqa: PLC0415 - avoid import cycle at module load
+
+    params.validate()
+    w0, h0 = slide.level_dimensions[0]
+    level = choose_level(slide.level_downsamples, params.seg_downsample)
+    lw, lh = slide.level_dimensions[level]
+    if lw * lh <= params.max_seg_pixels:
+        rgb = read_rgb(slide, (0, 0), level, (lw, lh))
+        scale = (w0 / lw, h0 / lh)
+    else:
+        ds = float(np.sqrt(w0 * h0 / params.max_seg_pixels))
+        rgb, scale = read_downsampled(slide, max(ds, params.seg_downsample))
+    mask, thr = segment_tissue_image(rgb, params, pixel_area_um2=mpp * mpp * scale[0] * scale[1])
+    return TissueMask(mask, (float(scale[0]), float(scale[1])), thr)
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a mask: tissue pixels with a background 4-neighbour (or on the image edge)."""
+    padded = np.pad(mask, 1, mode="constant", constant_values=False)
+    eroded = ndimage.binary_erosion(padded)[1:-1, 1:-1]
+    return mask & ~eroded
