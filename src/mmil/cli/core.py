@@ -96,6 +96,22 @@ def add_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, help=THREADS_HELP)
     p.set_defaults(func=cmd_predict)
 
+    # -- prune-limit -----------------------------------------------------------
+    p = subparsers.add_parser("prune-limit", help="predicted vs actual one-shot pruning limit of a checkpoint", description="prunelimit on a trained MIL model: epsilon and the SLQ Hessian spectrum of the mean training loss give the predicted threshold; one-shot global magnitude pruning on the test bags gives the actual one. Weights are not changed.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--features", required=True, help="training bags (Hessian, epsilon): a directory of .h5/.pt bags, or a MIL-benchmark CSV")
+    p.add_argument("--labels", help="label CSV for --features (required for a directory)")
+    p.add_argument("--test-features", help="test bags for the actual threshold (default: --features)")
+    p.add_argument("--test-labels", help="label CSV for --test-features")
+    p.add_argument("--out", required=True, help="output JSON")
+    p.add_argument("--lanczos-steps", type=int, default=100, help="Lanczos steps m (default 100)")
+    p.add_argument("--probes", type=int, default=4, help="Rademacher probes (default 4)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop (fraction) allowed before the actual threshold (default 0)")
+    p.add_argument("--bags-per-batch", type=int, default=1, help="bags per padded batch for epsilon and the Hessian (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="grouping and probe seed (default 0)")
+    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.set_defaults(func=cmd_prune_limit)
+
     # -- import-checkpoint ---------------------------------------------------
     p = subparsers.add_parser("import-checkpoint", help="convert a released MMIL-Transformer checkpoint", description="Convert the authors' released weights (a plain state dict, read with weights_only=True) into an mmil checkpoint directory.")
     p.add_argument("--released", required=True, help="released .pth/.pt file")
@@ -284,6 +300,36 @@ def cmd_predict(args) -> int:
     probs = predict_probs(model, dataset, seed=args.seed, repeats=args.repeats, device=args.device, precision=args.precision, progress=sys.stderr.isatty()).mean(0)
     write_text(args.out, predictions_csv(dataset.slide_ids, probs))
     print(f"wrote {len(dataset)} predictions to {args.out}")
+    return 0
+
+
+def _labelled_dataset(features: str, labels: str | None):
+    from ..data import load_dataset
+    from ..errors import MMILInputError
+
+    if Path(features).suffix.lower() != ".csv" and not labels:
+        raise MMILInputError(f"{features}: a label CSV is required for a features directory")
+    return load_dataset(features, labels)
+
+
+def cmd_prune_limit(args) -> int:
+    from ..evaluate import json_safe, load_for_inference
+    from ..io import write_json
+    from ..pruning import prune_limit
+
+    _set_threads(args.threads)
+    ckpt = _resolve_checkpoint(args.checkpoint)
+    train = _labelled_dataset(args.features, args.labels)
+    test = _labelled_dataset(args.test_features, args.test_labels) if args.test_features else train
+    model, train, _ = load_for_inference(ckpt, train)
+    _, test, _ = load_for_inference(ckpt, test)
+    result = prune_limit(model, train, test, seed=args.seed, lanczos_steps=args.lanczos_steps, num_probes=args.probes,
+                         tolerance=args.tolerance, bags_per_batch=args.bags_per_batch, progress=sys.stderr.isatty())
+    write_json(args.out, json_safe(result.to_dict()))
+    print(f"{ckpt}: {result.num_prunable} prunable weights, dense accuracy {result.dense_accuracy:.4f}, "
+          f"{100 * result.near_zero_fraction:.1f}% of weights below 1e-3")
+    print(f"predicted threshold {result.predicted_ratio:.4f} (keep {1 - result.predicted_ratio:.4f}); "
+          f"actual {result.actual_ratio:.4f} (keep {1 - result.actual_ratio:.4f}); written to {args.out}")
     return 0
 
 
