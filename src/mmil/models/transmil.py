@@ -1,1 +1,179 @@
-"""(to be written)"""
+"""TransMIL: Nyström-attention Transformer with a pyramid position encoding generator.
+
+Registered as ``"transmil"``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import MILModel, MILOutput, as_padded_batch, masked_fill_scores
+from .layers import NystromAttention, real_first_order, zero_pads
+from .registry import register_model
+
+
+def square_sides(counts: list[int]) -> list[int]:
+    """Side ``H = ceil(sqrt(n))`` of the square grid holding ``n`` tokens (``n >= 1``)."""
+    return [math.isqrt(n - 1) + 1 for n in counts]
+
+
+def square_token_sources(counts: list[int], sides: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Which instance fills each token of every bag's ``H x H`` grid.
+
+    TransMIL completes the ``n`` instances to ``H^2`` tokens by appending the first
+    ``H^2 - n`` instances again; token ``t`` (row-major in the grid) therefore holds
+    instance ``t mod n``. Returns ``(source (B, S) int64, token_mask (B, S) bool)``
+    with ``S = max H^2``; padded tokens point at instance 0 and are masked.
+    """
+    S = max(h * h for h in sides)
+    t = torch.arange(S, device=device)
+    n = torch.tensor(counts, device=device).unsqueeze(1)
+    s = torch.tensor([h * h for h in sides], device=device).unsqueeze(1)
+    token_mask = t.unsqueeze(0) < s
+    source = torch.remainder(t.unsqueeze(0), n).masked_fill(~token_mask, 0)
+    return source, token_mask
+
+
+def grid_gather_index(sides: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Index maps between the token sequence and a common ``Hmax x Hmax`` grid.
+
+    Bag ``b`` occupies the top-left ``H_b x H_b`` block of the common grid.
+    ``to_grid[b, cell]`` is the token feeding grid cell ``cell`` (row-major), or the
+    dummy index ``S`` (a zero row) outside the bag's block; ``to_tokens[b, t]`` is
+    the cell of token ``t`` (0 for padded tokens). Because the cells around a bag's
+    block are zero, a zero-padded convolution on the common grid gives, inside the
+    block, exactly the result of the same convolution on the bag's own grid.
+    """
+    hmax = max(sides)
+    S = hmax * hmax
+    rows = torch.arange(hmax, device=device)
+    r, c = torch.meshgrid(rows, rows, indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)
+    to_grid, to_tokens = [], []
+    t = torch.arange(S, device=device)
+    for h in sides:
+        inside = (r < h) & (c < h)
+        to_grid.append(torch.where(inside, r * h + c, torch.full_like(r, S)))
+        real = t < h * h
+        to_tokens.append(torch.where(real, torch.div(t, h, rounding_mode="floor") * hmax + torch.remainder(t, h), torch.zeros_like(t)))
+    return torch.stack(to_grid), torch.stack(to_tokens)
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: ``x + DW7(x) + DW5(x) + DW3(x)`` on the
+    tokens laid out as a square grid (depth-wise 2-D convolutions, zero padding)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, tokens: Tensor, token_mask: Tensor, sides: list[int]) -> Tensor:
+        """``tokens`` ``(B, S, D)`` (row-major grid tokens of each bag, padded) -> same shape."""
+        B, S, D = tokens.shape
+        hmax = max(sides)
+        to_grid, to_tokens = grid_gather_index(sides, tokens.device)
+        padded = torch.cat([zero_pads(tokens, token_mask), tokens.new_zeros(B, 1, D)], dim=1)
+        grid = padded.gather(1, to_grid.unsqueeze(-1).expand(-1, -1, D))  # (B, hmax*hmax, D)
+        grid = grid.transpose(1, 2).reshape(B, D, hmax, hmax)
+        out = grid + sum(conv(grid) for conv in self.convs)
+        out = out.reshape(B, D, hmax * hmax).transpose(1, 2)
+        return zero_pads(out.gather(1, to_tokens[:, :S].unsqueeze(-1).expand(-1, -1, D)), token_mask)
+
+
+class TransLayer(nn.Module):
+    """Pre-norm residual Nyström attention: ``x + Attn(LayerNorm(x))``."""
+
+    def __init__(self, dim: int, heads: int, num_landmarks: int, pinv_iterations: int, dropout: float, attn_dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads=heads, num_landmarks=num_landmarks, pinv_iterations=pinv_iterations, attn_dropout=attn_dropout, dropout=dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, return_first_row: bool = False) -> tuple[Tensor, Tensor | None]:
+        out, row = self.attn(self.norm(x), mask, return_first_row=return_first_row)
+        return x + out, row
+
+
+class TransMIL(MILModel):
+    """TransMIL (Shao et al., "TransMIL: Transformer based Correlated Multiple Instance
+    Learning for Whole Slide Image Classification", NeurIPS 2021).
+
+    ``Linear+ReLU`` embedding -> square completion (the ``n`` instances are extended to
+    ``ceil(sqrt(n))^2`` tokens by repeating the first ones) -> class token -> Nyström
+    layer -> PPEG -> Nyström layer -> LayerNorm -> class token -> linear head.
+
+    Padding design (exact invariance to batching): every bag's real instances are
+    packed to the front (original order kept), the square side ``H_b`` is computed per
+    bag, and each bag's tokens live in the first ``1 + H_b^2`` sequence positions.
+    Nyström landmarks are segment means over each bag's real tokens only
+    (:class:`~mmil.models.layers.NystromAttention`). For PPEG, each bag is placed in
+    the top-left ``H_b x H_b`` block of a zero-filled common grid, so the zero-padded
+    convolutions see exactly what they would see on the bag's own grid.
+
+    Instance scores: the class token's row of the (Nyström-approximated) attention
+    matrix in the last layer, averaged over heads, with the weight of the repeated
+    tokens added to the instance they copy. Being a Nyström approximation, entries
+    can be slightly negative.
+
+    Differences from the paper's code: landmark segmentation and pseudo-inverse
+    norms are per bag (see ``NystromAttention``), no depth-wise convolution residual
+    on the values, and a real padding mask (the original supports batch size 1 only).
+    Not permutation invariant (PPEG depends on instance order).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        embed_dim: int = 512,
+        heads: int = 8,
+        num_landmarks: int | None = None,
+        pinv_iterations: int = 6,
+        dropout: float = 0.1,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_dim, self.n_classes = in_dim, n_classes
+        num_landmarks = embed_dim // 2 if num_landmarks is None else num_landmarks
+        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
+        layer_kw = dict(heads=heads, num_landmarks=num_landmarks, pinv_iterations=pinv_iterations, dropout=dropout, attn_dropout=attn_dropout)
+        self.layer1 = TransLayer(embed_dim, **layer_kw)
+        self.ppeg = PPEG(embed_dim)
+        self.layer2 = TransLayer(embed_dim, **layer_kw)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, n_classes)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
+        x, mask = as_padded_batch(x, mask)
+        B, N, _ = x.shape
+        order = real_first_order(mask)
+        packed = zero_pads(x, mask).gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        counts = mask.sum(dim=1).tolist()
+        sides = square_sides(counts)
+        source, token_mask = square_token_sources(counts, sides, x.device)
+
+        h = self.embed(packed)
+        tokens = h.gather(1, source.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        seq = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
+        seq_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), token_mask], dim=1)
+
+        seq, _ = self.layer1(seq, seq_mask)
+        seq = torch.cat([seq[:, :1], self.ppeg(seq[:, 1:], token_mask, sides)], dim=1)
+        seq, row = self.layer2(seq, seq_mask, return_first_row=return_scores)
+        logits = self.head(self.norm(seq[:, 0]))
+
+        scores = None
+        if return_scores:
+            token_scores = row.mean(dim=1)[:, 1:].masked_fill(~token_mask, 0.0)  # (B, S)
+            packed_scores = token_scores.new_zeros(B, N).scatter_add_(1, source, token_scores)
+            scores = packed_scores.new_zeros(B, N).scatter_(1, order, packed_scores)
+            scores = masked_fill_scores(scores, mask)
+        return MILOutput(logits=logits, instance_scores=scores)
+
+
+@register_model("transmil")
+def transmil(in_dim: int, n_classes: int, **kwargs) -> TransMIL:
+    """TransMIL with Nyström attention and PPEG (Shao et al. 2021)."""
+    return TransMIL(in_dim=in_dim, n_classes=n_classes, **kwargs)
