@@ -6,7 +6,6 @@ exercised independently of the real model families.
 from __future__ import annotations
 
 import h5py
-import pytest
 import numpy as np
 import torch
 from torch import nn
@@ -96,12 +95,3 @@ def state_equal(a: dict, b: dict) -> bool:
 def rng_features(seed: int, n: int, c: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, c)).astype(np.float32)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two threads per test worker
-    oversubscribe the two cores when tests run in parallel."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

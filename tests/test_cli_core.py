@@ -11,7 +11,7 @@ import torch
 from mmil.cli import main
 from mmil.config import ExperimentConfig
 from mmil.data import mil_benchmark_path
-from mmil_toys import naive_auc, one_torch_thread, rng_features, write_csv, write_h5  # noqa: F401 (autouse fixture)
+from mmil_toys import naive_auc, rng_features, write_csv, write_h5
 
 TINY_MMIL = ["--model", "mmil", "--embed-dim", "16", "--heads", "2", "--head-dim", "8", "--num-subbags", "3"]
 

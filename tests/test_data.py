@@ -12,7 +12,7 @@ from mmil.data import load_dataset, mil_benchmark_path, read_label_csv
 from mmil.data.splits import check_no_patient_leakage, holdout_indices, kfold_indices, plan_folds
 from mmil.data.synth import _dataset_constants, synthetic_bags, write_synthetic_dataset
 from mmil.errors import MMILInputError
-from mmil_toys import rng_features, write_csv, write_h5, one_torch_thread  # noqa: F401 (autouse fixture)
+from mmil_toys import rng_features, write_csv, write_h5
 
 
 @pytest.fixture

@@ -13,13 +13,6 @@ LOSS = nn.CrossEntropyLoss()
 WORLD = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny problems: extra OpenMP threads only contend on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _problem():

@@ -13,7 +13,7 @@ from mmil.data.synth import synthetic_bags
 from mmil.errors import MMILInputError
 from mmil.evaluate import classification_metrics, json_safe, load_for_inference, predict_probs, predictions_csv, repeated_metrics
 from mmil.models import create_model
-from mmil_toys import ToyAttnMIL, naive_auc, register_toys, one_torch_thread  # noqa: F401 (autouse fixture)
+from mmil_toys import ToyAttnMIL, naive_auc, register_toys
 
 
 def _naive_metrics(y, probs):

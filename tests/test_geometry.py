@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import threadpoolctl
 import torch
 
 from prunelimit.errors import PruneLimitError
@@ -22,14 +21,6 @@ from prunelimit.geometry import (
 from prunelimit.lanczos import lanczos, tridiag_ritz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small problems: extra BLAS/OpenMP threads only contend on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _naive_radius(w, p):

@@ -21,14 +21,6 @@ from mmil.grouping import (
 SIZES = [(1, 1), (1, 4), (3, 5), (10, 10), (11, 10), (19, 10), (23, 4), (100, 7), (4301, 10)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed: int) -> torch.Generator:
     return make_generator(seed, "cpu")

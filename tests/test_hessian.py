@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
-import threadpoolctl
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -31,14 +30,6 @@ from prunelimit.params import prunable_parameters
 LOSS = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small problems: extra BLAS/OpenMP threads only contend on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def dense_hessian(model, loss_fn, data, params):

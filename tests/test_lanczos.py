@@ -1,21 +1,12 @@
 """Lanczos recurrence and Gauss quadrature against explicit symmetric matrices."""
 import numpy as np
 import pytest
-import threadpoolctl
 import torch
 
 from prunelimit.errors import PruneLimitError
 from prunelimit.lanczos import lanczos, tridiag_ritz
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small problems: extra BLAS/OpenMP threads only contend on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpoolctl.threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _symmetric(eigenvalues, seed=0):

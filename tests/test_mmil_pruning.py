@@ -2,7 +2,6 @@
 
 Sequential grouping keeps each bag's sub-bags independent of how bags are batched, so the
 padded batches can be held against bags run one by one."""
-import numpy as np
 import pytest
 import torch
 

@@ -30,14 +30,6 @@ C, D, K_CLASSES, HEADS, HEAD_DIM = 12, 16, 3, 2, 8
 ATOL = 1e-8  # float64 on both sides; the issue asks for 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster when the 2 cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_pair(*, num_layers=2, num_msg=1, with_fc1=True, seed=0, **kw):
     """Reference weights (released layout) and a float64 model holding the same weights."""

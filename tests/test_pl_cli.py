@@ -6,20 +6,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from prunelimit.cli import build_parser, main
 from prunelimit.config import RunConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # On a shared 2-core machine two OpenMP threads per process oversubscribe the cores and
-    # tiny matmuls slow down ~50x; one thread keeps these small runs fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _error_line(capsys) -> str:

@@ -17,14 +17,6 @@ from prunelimit.data import BatchIterable, random_crop_flip, subset_indices
 from prunelimit.errors import PruneLimitError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # On a shared 2-core machine two OpenMP threads per process oversubscribe the cores and
-    # tiny matmuls slow down ~50x; one thread keeps these small runs fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cifar_batch(rng, n, label_key, num_classes):

@@ -13,14 +13,6 @@ from prunelimit.errors import PruneLimitError
 from prunelimit.models.mlp import FC5_HIDDEN, FC12_HIDDEN, LENET300_HIDDEN, mlp_num_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # On a shared 2-core machine two OpenMP threads per process oversubscribe the cores and
-    # tiny matmuls slow down ~50x; one thread keeps these small runs fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 ZOO = ["alexnet", "fc12", "fc5", "lenet300", "resnet18", "resnet50", "vgg16"]
 

@@ -18,14 +18,6 @@ from prunelimit import pipeline
 from prunelimit.pipeline import REPORT_KEYS, open_run, run_pipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # On a shared 2-core machine two OpenMP threads per process oversubscribe the cores and
-    # tiny matmuls slow down ~50x; one thread keeps these small runs fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TINY = {
     "model": "lenet300", "dataset": "digits", "lam": 1e-3, "epochs": 3, "lanczos_steps": 30, "probes": 2,

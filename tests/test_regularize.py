@@ -14,14 +14,6 @@ from prunelimit.errors import PruneLimitError
 from prunelimit.regularize import evaluate, lr_factor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    # On a shared 2-core machine two OpenMP threads per process oversubscribe the cores and
-    # tiny matmuls slow down ~50x; one thread keeps these small runs fast everywhere.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_problem(n=32, seed=0, dtype=torch.float64):

@@ -15,7 +15,7 @@ from mmil.errors import MMILInputError
 from mmil.evaluate import json_safe, predict_probs
 from mmil.models import create_model
 from mmil.train import LAST_STATE_NAME, EarlyStopping, class_weight_vector, derived_seed, nll_of_probs, train_fold
-from mmil_toys import register_toys, state_equal, one_torch_thread  # noqa: F401 (autouse fixture)
+from mmil_toys import register_toys, state_equal
 
 TOY = register_toys()
 

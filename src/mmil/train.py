@@ -276,7 +276,6 @@ def train_fold(
 
     show = cfg.progress and sys.stderr.isatty()
     n = len(dataset_train)
-    y_train = dataset_train.labels
     epoch_bar = tqdm(range(start_epoch, cfg.epochs + 1), initial=start_epoch - 1, total=cfg.epochs, desc=f"training {model_name}", disable=not show, leave=False)
     for epoch in epoch_bar:
         t0 = time.perf_counter()
