@@ -244,7 +244,8 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
     metrics = repeated_metrics(test.labels, probs_r)
     probs = probs_r.mean(0)
     outcome = FoldOutcome(
-        fs.fold, metrics, trained.train_seconds, test.slide_ids, test.labels, probs, trained.checkpoint_dir,
+        # rounded as stored, so a resumed run sums the same per-fold values into the total
+        fs.fold, metrics, round(trained.train_seconds, 3), test.slide_ids, test.labels, probs, trained.checkpoint_dir,
         len(fs.train), len(fs.val), len(fs.test), trained.best_epoch, trained.epochs_run, trained.stopped_early,
     )
     write_text(fold_dir / "predictions.csv", predictions_csv(test.slide_ids, probs, test.labels))
