@@ -226,8 +226,9 @@ def _quiet_native_stderr():
             os.close(saved)
 
 
-def cpu_peak_memory_bytes(fn: Callable[[], Any]) -> int:
-    """Peak CPU tensor memory allocated while ``fn()`` runs (see the module docstring)."""
+def cpu_peak_memory_bytes(fn: Callable[[], Any]) -> float:
+    """Peak CPU tensor memory allocated while ``fn()`` runs (see the module docstring);
+    NaN when this torch version does not expose the profiler's allocation events."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -239,11 +240,15 @@ def cpu_peak_memory_bytes(fn: Callable[[], Any]) -> int:
         with _quiet_native_stderr():
             prof.stop()
     cpu = torch.autograd.DeviceType.CPU
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == cpu]
+    try:
+        raw = prof.profiler.kineto_results.events()
+    except AttributeError:  # the profiler's raw event list moved (another torch version): report unknown
+        return float("nan")
+    events = [(e.start_ns(), e.nbytes()) for e in raw if e.name() == "[memory]" and e.device_type() == cpu]
     return peak_of_running_sum(events)
 
 
-def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int:
+def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak tensor memory allocated by ``fn()`` above the memory held before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
