@@ -70,6 +70,7 @@ class PruneLimitResult:
     lanczos_steps: int
     num_probes: int
     near_zero_fraction: float
+    regime: str
     curve: list[tuple[float, float, float]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +100,7 @@ def prune_limit(
     The model's weights are unchanged on return.
     """
     import prunelimit as pl
-    from prunelimit.geometry import lomp_regime_fraction
+    from prunelimit.geometry import lomp_regime
     from prunelimit.params import weights_vector
 
     net = FixedGroupingLogits(model, seed=seed).eval()
@@ -120,6 +121,7 @@ def prune_limit(
         return correct / n, loss_sum / n
 
     search = pl.actual_threshold(net, eval_fn, tolerance=tolerance, progress=progress)
+    regime = lomp_regime(weights_vector(net), prediction.predicted_ratio)
     return PruneLimitResult(
         predicted_ratio=float(prediction.predicted_ratio),
         actual_ratio=float(search.threshold),
@@ -128,6 +130,7 @@ def prune_limit(
         num_prunable=int(sum(p.numel() for p in pl.prunable_parameters(net))),
         lanczos_steps=int(spectrum.nodes.shape[1]),
         num_probes=int(spectrum.nodes.shape[0]),
-        near_zero_fraction=float(lomp_regime_fraction(weights_vector(net))),
+        near_zero_fraction=regime.near_zero_fraction,
+        regime=regime.message,
         curve=list(zip(search.ratios, search.accuracies, search.losses)),
     )

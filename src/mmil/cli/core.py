@@ -326,8 +326,7 @@ def cmd_prune_limit(args) -> int:
     result = prune_limit(model, train, test, seed=args.seed, lanczos_steps=args.lanczos_steps, num_probes=args.probes,
                          tolerance=args.tolerance, bags_per_batch=args.bags_per_batch, progress=sys.stderr.isatty())
     write_json(args.out, json_safe(result.to_dict()))
-    print(f"{ckpt}: {result.num_prunable} prunable weights, dense accuracy {result.dense_accuracy:.4f}, "
-          f"{100 * result.near_zero_fraction:.1f}% of weights below 1e-3")
+    print(f"{ckpt}: {result.num_prunable} prunable weights, dense accuracy {result.dense_accuracy:.4f}; {result.regime}")
     print(f"predicted threshold {result.predicted_ratio:.4f} (keep {1 - result.predicted_ratio:.4f}); "
           f"actual {result.actual_ratio:.4f} (keep {1 - result.actual_ratio:.4f}); written to {args.out}")
     return 0
