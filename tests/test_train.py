@@ -286,3 +286,30 @@ def test_crossval_fixed_split_and_multiclass(tmp_path):
     expected = np.mean([naive_auc((y == c).astype(int).tolist(), f.probs[:, c].tolist()) for c in range(3)])
     assert res.summary["ensemble"]["auc"] == pytest.approx(expected)
     assert (tmp_path / "roc.png").stat().st_size > 1000
+
+
+def test_config_yaml_errors_name_the_file(tmp_path):
+    from mmil.bench import BenchConfig
+    from mmil.config import ExperimentConfig, read_yaml_mapping
+    from mmil.errors import MMILInputError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert read_yaml_mapping(empty) == {}
+    cases = {"missing.yaml": (None, "config file not found"), "bad.yaml": ("a: [1,", "not valid YAML"), "list.yaml": ("- 1\n- 2\n", "must be a mapping")}
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        for load in (read_yaml_mapping, ExperimentConfig.from_yaml, BenchConfig.from_yaml):
+            with pytest.raises(MMILInputError, match=message) as err:
+                load(path)
+            assert str(path) in str(err.value)
+    good = tmp_path / "good.yaml"
+    good.write_text("folds: 3\ntrain: {epochs: 7}\n")
+    cfg = ExperimentConfig.from_yaml(good)
+    assert cfg.folds == 3 and cfg.train.epochs == 7
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("foldz: 3\n")
+    with pytest.raises(MMILInputError, match="foldz"):
+        ExperimentConfig.from_yaml(unknown)

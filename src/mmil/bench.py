@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import TrainConfig, read_yaml_mapping
 from .errors import MMILInputError
 from .io import atomic_path, write_json, write_text
 from .models import create_model, list_models
@@ -151,16 +151,7 @@ class BenchConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "BenchConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise MMILInputError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise MMILInputError(f"{path}: not valid YAML ({str(err).splitlines()[0]}); fix the file") from None
-        return cls.from_dict(data or {}, str(path))
+        return cls.from_dict(read_yaml_mapping(path), str(path))
 
 
 def parse_size(value: str | int) -> int:

@@ -161,17 +161,7 @@ class ExperimentConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
         """Read a YAML (or JSON) config; unknown keys raise :class:`MMILInputError`."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise MMILInputError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            first = str(err).splitlines()[0] if str(err) else "syntax error"
-            raise MMILInputError(f"{path}: not valid YAML ({first}); fix the file") from None
-        return cls.from_dict(data or {}, str(path))
+        return cls.from_dict(read_yaml_mapping(path), str(path))
 
     def save(self, directory: str | Path) -> None:
         """Write ``config.yaml`` and ``config.json`` into ``directory`` (atomically)."""
@@ -181,6 +171,28 @@ class ExperimentConfig:
         d = self.to_dict()
         write_text(directory / "config.yaml", yaml.safe_dump(d, sort_keys=False))
         write_json(directory / "config.json", d)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a ``--config`` YAML (or JSON) file holding a mapping of options.
+
+    Missing file, invalid YAML and a top level that is not a mapping each raise
+    :class:`MMILInputError` naming the file. An empty file is an empty mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MMILInputError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else "syntax error"
+        raise MMILInputError(f"{path}: not valid YAML ({first}); fix the file") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise MMILInputError(f"{path}: the top level must be a mapping of options, got {type(data).__name__}")
+    return data
 
 
 def _typed_kwargs(cls, data: dict[str, Any], source: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:

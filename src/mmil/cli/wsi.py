@@ -23,9 +23,10 @@ def _config_values(args: argparse.Namespace, names: dict[str, str]) -> dict[str,
 
 def _build_config(cls, args: argparse.Namespace, names: dict[str, str]):
     """Dataclass ``cls`` from ``--config`` YAML (if given) overridden by explicit flags."""
-    from ..wsi.slide import config_from_mapping, load_yaml_mapping  # noqa: PLC0415
+    from ..config import read_yaml_mapping  # noqa: PLC0415
+    from ..wsi.slide import config_from_mapping  # noqa: PLC0415
 
-    values: dict[str, Any] = load_yaml_mapping(args.config) if getattr(args, "config", None) else {}
+    values: dict[str, Any] = read_yaml_mapping(args.config) if getattr(args, "config", None) else {}
     for path, value in _config_values(args, names).items():
         head, _, tail = path.partition(".")
         if tail:

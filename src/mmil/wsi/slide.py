@@ -341,22 +341,6 @@ def _nested_dataclass_type(field: dataclasses.Field):
     return None
 
 
-def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file holding a mapping (for ``--config``)."""
-    import yaml  # noqa: PLC0415
-
-    path = Path(path)
-    if not path.is_file():
-        raise MMILInputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise MMILInputError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise MMILInputError(f"{path}: the config must be a mapping of option: value")
-    return data
-
-
 def dataclass_to_dict(obj: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` (kept here so configs are saved beside results the same way everywhere)."""
     return dataclasses.asdict(obj)
