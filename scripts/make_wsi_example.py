@@ -25,22 +25,9 @@ MAX_BYTES = 200_000
 
 
 def build_slides(slide_dir: Path, n: int = 8) -> dict[str, str]:
-    import numpy as np
-    from slide_factory import Blob, make_slide
+    from slide_factory import tumour_slide_set
 
-    rng = np.random.default_rng(0)
-    labels = {}
-    for i in range(n):
-        positive = i % 2 == 1
-        corner = (370.0, 360.0) if i % 4 < 2 else (360.0, 140.0)
-        other = (140.0, 150.0) if i % 4 < 2 else (140.0, 370.0)
-        blobs = [
-            Blob(other[0] + rng.uniform(-15, 15), other[1] + rng.uniform(-15, 15), 85, "normal"),
-            Blob(corner[0], corner[1], 80, "tumor" if positive else "normal"),
-        ]
-        make_slide(slide_dir / f"slide{i}.tif", blobs, size_um=(512, 512), mpp=0.5, downsamples=(1, 2, 4, 8), seed=i)
-        labels[f"slide{i}"] = "tumor" if positive else "normal"
-    return labels
+    return tumour_slide_set(slide_dir, n)[1]
 
 
 def shrink_png(src: Path, dst: Path) -> int:

@@ -161,3 +161,27 @@ def make_slide(
     img = render(width, height, mpp, blobs, seed)
     write_pyramid(path, img, mpp if write_mpp else None, downsamples, compression=compression)
     return SyntheticSlide(Path(path), mpp, width, height, list(blobs), tuple(int(d) for d in downsamples))
+
+
+def tumour_slide_set(slide_dir: str | Path, n: int = 8) -> tuple[dict[str, SyntheticSlide], dict[str, str]]:
+    """``n`` small 20x slides: every slide has a normal blob; odd slides' second blob is tumour.
+
+    The tumour blob sits in different places so position alone cannot give it away.
+    Returns ``(specs, labels)`` keyed by slide id (``labels``: "tumor" / "normal").
+    Used by the end-to-end test and by ``scripts/make_wsi_example.py``.
+    """
+    slide_dir = Path(slide_dir)
+    rng = np.random.default_rng(0)
+    specs, labels = {}, {}
+    for i in range(n):
+        positive = i % 2 == 1
+        corner = (370.0, 360.0) if i % 4 < 2 else (360.0, 140.0)
+        other = (140.0, 150.0) if i % 4 < 2 else (140.0, 370.0)
+        blobs = [
+            Blob(other[0] + rng.uniform(-15, 15), other[1] + rng.uniform(-15, 15), 85, "normal"),
+            Blob(corner[0], corner[1], 80, "tumor" if positive else "normal"),
+        ]
+        sid = f"slide{i}"
+        specs[sid] = make_slide(slide_dir / f"{sid}.tif", blobs, size_um=(512, 512), mpp=0.5, downsamples=(1, 2, 4, 8), seed=i)
+        labels[sid] = "tumor" if positive else "normal"
+    return specs, labels

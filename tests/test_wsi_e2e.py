@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("openslide")
 pytest.importorskip("tifffile")
 
-from slide_factory import Blob, make_slide  # noqa: E402
+from slide_factory import tumour_slide_set  # noqa: E402
 
 from mmil.cli import main  # noqa: E402
 
@@ -31,20 +31,7 @@ def test_slides_to_heatmaps(tmp_path):
 
     slides = tmp_path / "slides"
     slides.mkdir()
-    rng = np.random.default_rng(0)
-    specs, labels = {}, {}
-    for i in range(N_SLIDES):
-        positive = i % 2 == 1
-        # the tumor blob sits in different places so position alone cannot give it away
-        corner = (370.0, 360.0) if i % 4 < 2 else (360.0, 140.0)
-        other = (140.0, 150.0) if i % 4 < 2 else (140.0, 370.0)
-        blobs = [
-            Blob(other[0] + rng.uniform(-15, 15), other[1] + rng.uniform(-15, 15), 85, "normal"),
-            Blob(corner[0], corner[1], 80, "tumor" if positive else "normal"),
-        ]
-        sid = f"slide{i}"
-        specs[sid] = make_slide(slides / f"{sid}.tif", blobs, size_um=(512, 512), mpp=0.5, downsamples=(1, 2, 4, 8), seed=i)
-        labels[sid] = "tumor" if positive else "normal"
+    specs, labels = tumour_slide_set(slides, N_SLIDES)
 
     tiles, feats, heat = tmp_path / "tiles", tmp_path / "features", tmp_path / "heatmaps"
     assert main(["tile", "--slides", str(slides), "--out", str(tiles), "--patch-size", str(PATCH),
