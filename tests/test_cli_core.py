@@ -85,7 +85,7 @@ def test_rerun_skips_finished_folds(trained_run, capsys):
     out = capsys.readouterr().out
     assert "mean" in out and "AUC" in out
     changed = [a if a != "3" or argv[i - 1] != "--repeats" else "4" for i, a in enumerate(argv)]
-    _one_line_error(capsys, changed, str(run), "another configuration")
+    _one_line_error(capsys, changed, str(run), "other settings", "repeats: 3 -> 4", "--overwrite")
 
 
 def test_evaluate_and_predict(trained_run, synth_dir, tmp_path, capsys):

@@ -104,7 +104,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        return cls(**_typed_kwargs(cls, data, source))
+        kwargs = _typed_kwargs(cls, data, source)
+        try:
+            return cls(**kwargs)
+        except MMILInputError as err:
+            raise MMILInputError(f"{source}: {err}") from None
 
 
 @dataclass
@@ -156,7 +160,11 @@ class ExperimentConfig:
         if not isinstance(train, dict):
             raise MMILInputError(f"{source}: `train` must be a mapping, got {type(train).__name__}")
         kwargs = _typed_kwargs(cls, data, source, skip=("train",))
-        return cls(train=TrainConfig.from_dict(train, f"{source} (train)"), **kwargs)
+        train_cfg = TrainConfig.from_dict(train, f"{source} (train)")
+        try:
+            return cls(train=train_cfg, **kwargs)
+        except MMILInputError as err:
+            raise MMILInputError(f"{source}: {err}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentConfig":

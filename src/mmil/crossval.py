@@ -27,7 +27,7 @@ from .data.dataset import BagDataset
 from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
 from .errors import MMILInputError
 from .evaluate import METRIC_NAMES, json_safe, mean_std, predict_probs, predictions_csv, repeated_metrics
-from .io import write_json, write_text
+from .io import remove_stale_temp_files, write_json, write_text
 from .train import LAST_STATE_NAME, train_fold
 
 RESULT_NAME = "result.json"
@@ -129,6 +129,8 @@ def _fold_plan_json(plan: list[FoldSplit], slide_ids: list[str]) -> list[dict[st
 #: Options that may differ when a run directory is reused (they do not change results).
 #: ``epochs`` is not among them: finished folds would mix two schedules.
 RUNTIME_OPTIONS = ("progress", "device", "num_workers")
+#: Files a run writes at its top level (``--overwrite`` removes these and the fold directories only).
+RUN_FILES = ("config.yaml", "config.json", "folds.json", "metrics.json", "roc.png")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +140,58 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     for k in RUNTIME_OPTIONS:
         d.get("train", {}).pop(k, None)
     return d
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``key: stored -> given`` for every setting that differs (nested keys dotted)."""
+    a, b = _flatten(_comparable(stored)), _flatten(_comparable(given))
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def has_progress(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds work worth resuming: a finished fold, a saved epoch or a best checkpoint."""
+    for fold_dir in out_dir.glob("fold_*"):
+        if (fold_dir / RESULT_NAME).is_file() or (fold_dir / LAST_STATE_NAME).is_file() or (fold_dir / "checkpoint").is_dir():
+            return True
+    return False
+
+
+def _check_same_run(out_dir: Path, plan_json: list[dict[str, Any]], experiment: ExperimentConfig) -> None:
+    """Refuse, changing nothing, to resume a run made with other folds or settings."""
+    hint = "rerun with the stored options, choose a fresh --out, or pass --overwrite to start it afresh"
+    if (out_dir / "folds.json").is_file() and json.loads((out_dir / "folds.json").read_text()) != plan_json:
+        raise MMILInputError(f"{out_dir}: holds a started run with other folds (other data, seed or --folds); {hint}")
+    if (out_dir / "config.json").is_file():
+        diff = config_differences(json.loads((out_dir / "config.json").read_text()), experiment.to_dict())
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+            raise MMILInputError(f"{out_dir}: holds a started run with other settings (stored -> given: {shown}); {hint}")
+
+
+def clear_run_directory(out_dir: Path, *, remove_dir: bool = False) -> None:
+    """Delete what a run writes (top-level result files and ``fold_*`` directories), nothing else."""
+    import shutil
+
+    if not out_dir.is_dir():
+        return
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for fold_dir in out_dir.glob("fold_*"):
+        if fold_dir.is_dir() and not fold_dir.is_symlink():
+            shutil.rmtree(fold_dir)
+    remove_stale_temp_files(out_dir)
+    if remove_dir and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def cross_validate(
@@ -153,6 +207,7 @@ def cross_validate(
     use_splits: bool = True,
     experiment: ExperimentConfig | None = None,
     validate_data: bool = True,
+    overwrite: bool = False,
 ) -> CrossValResult:
     """Cross-validate ``model_name`` on ``dataset`` and write the run directory.
 
@@ -163,7 +218,9 @@ def cross_validate(
     ``seed`` fixes the fold assignment and the test-time seeds (repeat r uses
     ``seed + r``); ``cfg.seed`` the training. Before anything is written, every
     bag is read once (``validate_data``) and the model is built once, so bad
-    input fails with nothing on disk.
+    input fails with nothing on disk. A directory holding a started run with
+    other settings is refused, naming them, unless ``overwrite`` (which starts it
+    afresh); a run that fails before any fold saved progress leaves nothing behind.
     """
     from .models import create_model
 
@@ -196,18 +253,17 @@ def cross_validate(
     if experiment is None:
         experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits)
     plan_json = _fold_plan_json(plan, dataset.slide_ids)
-    if (out_dir / "folds.json").is_file():
-        old_plan = json.loads((out_dir / "folds.json").read_text())
-        if old_plan != plan_json:
-            raise MMILInputError(f"{out_dir}: holds a run with other folds (other data, seed or --folds); use a fresh --out directory")
-    if (out_dir / "config.json").is_file():
-        old = json.loads((out_dir / "config.json").read_text())
-        if _comparable(old) != _comparable(experiment.to_dict()):
-            raise MMILInputError(f"{out_dir}: holds a run with another configuration (see its config.yaml); use a fresh --out directory or the same options")
+    fresh = overwrite or not has_progress(out_dir)
+    if not fresh:
+        _check_same_run(out_dir, plan_json, experiment)
     if validate_data:
         dataset.validate(progress=cfg.progress)
 
+    created = not out_dir.exists()
+    if overwrite:
+        clear_run_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
     experiment.save(out_dir)
     write_json(out_dir / "folds.json", plan_json)
     header = {
@@ -220,7 +276,12 @@ def cross_validate(
         "seed": seed,
         "split": "fixed" if len(plan) == 1 else ("predefined" if use_splits and dataset.fold_ids is not None else "stratified-kfold" + ("-patient" if dataset.case_ids is not None else "")),
     }
-    outcomes = [_run_fold(dataset, fs, model_name, kwargs, cfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
+    try:
+        outcomes = [_run_fold(dataset, fs, model_name, kwargs, cfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
+    except BaseException:
+        if fresh and not has_progress(out_dir):  # nothing worth resuming: leave the directory as it was
+            clear_run_directory(out_dir, remove_dir=created)
+        raise
     summary = json_safe(summarize(outcomes, header))
     from .plots import plot_roc
 

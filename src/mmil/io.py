@@ -5,10 +5,10 @@ import json
 import os
 from pathlib import Path
 
-# One atomic-write primitive for the whole distribution (mmil may use prunelimit, not the reverse).
-from prunelimit.io import atomic_path
+# One atomic-write primitive for the whole distribution, from the shared foundation.
+from mmpl.fsio import atomic_path, check_output_dir, check_output_file, remove_stale_temp_files
 
-__all__ = ["atomic_path", "write_json", "write_text"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_file", "remove_stale_temp_files", "write_json", "write_text"]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -1,44 +1,15 @@
 """Atomic file writes for run directories: every result file is either complete or absent."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
-
-    The rename is atomic on POSIX file systems, so a reader (or a resumed run)
-    never sees half a file. On an exception the temporary file is removed and
-    ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600; give the result the permissions a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# One atomic-write primitive for the whole distribution (links written through, devices never replaced).
+from mmpl.fsio import atomic_path  # noqa: F401  (re-exported)
 
 
 def _to_builtin(obj):

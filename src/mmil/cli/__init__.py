@@ -5,19 +5,20 @@ Each sub-module adds its sub-commands with ``add_commands(subparsers)`` and sets
 """
 from __future__ import annotations
 
-import argparse
 import sys
+
+from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser
 
 from ..checkpoint import CheckpointError
 from ..errors import MMILInputError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     from . import bench, core, wsi
 
-    parser = argparse.ArgumentParser(prog="mmil", description="Multi-level MIL with Transformer for whole-slide image classification.")
+    parser = OneLineParser(prog="mmil", description="Multi-level MIL with Transformer for whole-slide image classification.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for module in (core, wsi, bench):
         module.add_commands(sub)
     return parser
@@ -32,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mmil {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except OSError as err:  # e.g. a disk that filled up or a location that became unwritable mid-run
+        if args.debug:
+            raise
+        print(f"mmil {args.command}: error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"mmil {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -13,22 +13,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmpl.fsio import check_output_dir, check_output_file
+from mmpl.cliargs import fraction, non_negative_float, non_negative_int, open_fraction, positive_float, positive_int, ranged
+
 THREADS_HELP = "CPU threads for torch (default: torch's choice); small models often run fastest on 1, especially on a busy machine"
 GROUPINGS_HELP = "random, sequential, embedding (k-means on projected features), coords (k-means on patch coordinates) or index (precomputed `groups` in the bag files)"
 
 #: model flag -> constructor keyword (only set keywords reach the model).
 MODEL_FLAGS: dict[str, tuple[str, type, str]] = {
-    "num_subbags": ("--num-subbags", int, "G, sub-bags per bag (MMIL)"),
+    "num_subbags": ("--num-subbags", positive_int, "G, sub-bags per bag (MMIL)"),
     "grouping": ("--grouping", str, f"how instances are grouped into sub-bags (MMIL): {GROUPINGS_HELP}"),
-    "embed_dim": ("--embed-dim", int, "embedding width D"),
-    "num_layers": ("--num-layers", int, "number of attention layers (MMIL, TransMIL)"),
-    "heads": ("--heads", int, "attention heads"),
-    "head_dim": ("--head-dim", int, "width of each attention head (MMIL)"),
-    "num_msg": ("--num-msg", int, "message tokens per sub-bag (MMIL)"),
-    "mask_ratio": ("--mask-ratio", float, "fraction of sub-bags dropped during training (MMIL; the paper uses 0.6 with G=10)"),
-    "max_subbag_size": ("--max-subbag-size", int, "cap on instances per sub-bag (MMIL; off by default, nothing is dropped)"),
-    "dropout": ("--dropout", float, "dropout rate of the model"),
-    "attn_dropout": ("--attn-dropout", float, "dropout on attention weights (0.1 reproduces the release; 0 keeps the fused CPU kernel)"),
+    "embed_dim": ("--embed-dim", positive_int, "embedding width D"),
+    "num_layers": ("--num-layers", positive_int, "number of attention layers (MMIL, TransMIL)"),
+    "heads": ("--heads", positive_int, "attention heads"),
+    "head_dim": ("--head-dim", positive_int, "width of each attention head (MMIL)"),
+    "num_msg": ("--num-msg", positive_int, "message tokens per sub-bag (MMIL)"),
+    "mask_ratio": ("--mask-ratio", open_fraction, "fraction of sub-bags dropped during training (MMIL; the paper uses 0.6 with G=10)"),
+    "max_subbag_size": ("--max-subbag-size", positive_int, "cap on instances per sub-bag (MMIL; off by default, nothing is dropped)"),
+    "dropout": ("--dropout", open_fraction, "dropout rate of the model"),
+    "attn_dropout": ("--attn-dropout", open_fraction, "dropout on attention weights (0.1 reproduces the release; 0 keeps the fused CPU kernel)"),
 }
 
 
@@ -46,24 +49,25 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory of the run")
     p.add_argument("--config", help="YAML experiment config (see configs/mmil_default.yaml); command-line options override it")
     p.add_argument("--model", choices=list_models(), help="registered model (default: mmil)")
-    p.add_argument("--folds", type=int, help="k of stratified k-fold (default 5; ignored with a fixed split)")
+    p.add_argument("--folds", type=ranged(int, 2), help="k of stratified k-fold (default 5; ignored with a fixed split)")
     p.add_argument("--ignore-splits", action="store_true", help="cross-validate even when the label CSV has a split or fold column")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 200)")
-    p.add_argument("--min-epochs", type=int, help="no early stopping before this epoch (default 50)")
-    p.add_argument("--patience", type=int, help="epochs without a lower validation loss before stopping (default 20)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default 2e-4)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    p.add_argument("--accumulate", type=int, help="bags per optimiser step (gradient accumulation, default 1)")
+    p.add_argument("--epochs", type=positive_int, help="maximum epochs (default 200)")
+    p.add_argument("--min-epochs", type=non_negative_int, help="no early stopping before this epoch (default 50)")
+    p.add_argument("--patience", type=positive_int, help="epochs without a lower validation loss before stopping (default 20)")
+    p.add_argument("--lr", type=positive_float, help="AdamW learning rate (default 2e-4)")
+    p.add_argument("--weight-decay", type=non_negative_float, help="AdamW weight decay (default 1e-4)")
+    p.add_argument("--accumulate", type=positive_int, help="bags per optimiser step (gradient accumulation, default 1)")
     p.add_argument("--class-weights", action="store_true", default=None, help="weight the loss by inverse class frequency")
-    p.add_argument("--val-fraction", type=float, help="share of each training fold held out for early stopping (default 0.15)")
+    p.add_argument("--val-fraction", type=ranged(float, 0, 1, low_open=True, high_open=True), help="share of each training fold held out for early stopping (default 0.15)")
     p.add_argument("--standardize", choices=("auto", "on", "off"), help="z-score features with training-fold statistics (auto: on for MIL-benchmark CSVs only)")
-    p.add_argument("--seed", type=int, help="seed of folds, training and evaluation (default 0)")
-    p.add_argument("--repeats", type=int, help="R stochastic evaluations of each test fold, seeds seed..seed+R-1 (default 10, the paper's protocol)")
+    p.add_argument("--seed", type=non_negative_int, help="seed of folds, training and evaluation (default 0)")
+    p.add_argument("--repeats", type=positive_int, help="R stochastic evaluations of each test fold, seeds seed..seed+R-1 (default 10, the paper's protocol)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 autocast for training and evaluation (default fp32)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--num-workers", type=int, help="background workers reading bags (default 0)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--num-workers", type=non_negative_int, help="background workers reading bags (default 0)")
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--overwrite", action="store_true", help="start --out afresh: delete the run files a previous run left there (other files are kept)")
     _add_model_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -72,13 +76,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/fold_0/checkpoint, or one from `mmil import-checkpoint`)")
     p.add_argument("--features", required=True, help="directory of .h5/.pt bags, or a MIL-benchmark CSV")
     p.add_argument("--labels", help="label CSV (required for a features directory)")
-    p.add_argument("--repeats", type=int, default=10, help="R stochastic evaluations, seeds seed..seed+R-1 (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="first evaluation seed (default 0)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="R stochastic evaluations, seeds seed..seed+R-1 (default 10)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="first evaluation seed (default 0)")
     p.add_argument("--grouping", help=f"override the checkpoint's grouping (MMIL): {GROUPINGS_HELP}")
-    p.add_argument("--num-subbags", type=int, help="override the checkpoint's number of sub-bags (MMIL)")
+    p.add_argument("--num-subbags", type=positive_int, help="override the checkpoint's number of sub-bags (MMIL)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for inference (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.add_argument("--out", help="write the metrics to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
@@ -88,12 +92,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--features", required=True, help="directory of .h5/.pt bags (every slide found), or a MIL-benchmark CSV")
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--grouping", help=f"override the checkpoint's grouping (MMIL): {GROUPINGS_HELP}")
-    p.add_argument("--num-subbags", type=int, help="override the checkpoint's number of sub-bags (MMIL)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the (first) stochastic run (default 0)")
-    p.add_argument("--repeats", type=int, default=1, help="average probabilities over R runs with seeds seed..seed+R-1 (default 1)")
+    p.add_argument("--num-subbags", type=positive_int, help="override the checkpoint's number of sub-bags (MMIL)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the (first) stochastic run (default 0)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="average probabilities over R runs with seeds seed..seed+R-1 (default 1)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 autocast for inference (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_predict)
 
     # -- prune-limit -----------------------------------------------------------
@@ -104,23 +108,23 @@ def add_commands(subparsers) -> None:
     p.add_argument("--test-features", help="test bags for the actual threshold (default: --features)")
     p.add_argument("--test-labels", help="label CSV for --test-features")
     p.add_argument("--out", required=True, help="output JSON")
-    p.add_argument("--lanczos-steps", type=int, default=100, help="Lanczos steps m (default 100)")
-    p.add_argument("--probes", type=int, default=4, help="Rademacher probes (default 4)")
-    p.add_argument("--tolerance", type=float, default=0.0, help="accuracy drop (fraction) allowed before the actual threshold (default 0)")
-    p.add_argument("--bags-per-batch", type=int, default=1, help="bags per padded batch for epsilon and the Hessian (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="grouping and probe seed (default 0)")
-    p.add_argument("--threads", type=int, help=THREADS_HELP)
+    p.add_argument("--lanczos-steps", type=ranged(int, 2), default=100, help="Lanczos steps m (default 100)")
+    p.add_argument("--probes", type=positive_int, default=4, help="Rademacher probes (default 4)")
+    p.add_argument("--tolerance", type=open_fraction, default=0.0, help="accuracy drop (fraction) allowed before the actual threshold (default 0)")
+    p.add_argument("--bags-per-batch", type=positive_int, default=1, help="bags per padded batch for epsilon and the Hessian (default 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="grouping and probe seed (default 0)")
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
     p.set_defaults(func=cmd_prune_limit)
 
     # -- import-checkpoint ---------------------------------------------------
     p = subparsers.add_parser("import-checkpoint", help="convert a released MMIL-Transformer checkpoint", description="Convert the authors' released weights (a plain state dict, read with weights_only=True) into an mmil checkpoint directory.")
     p.add_argument("--released", required=True, help="released .pth/.pt file")
-    p.add_argument("--in-dim", type=int, required=True, help="feature dimension C the checkpoint was trained on (1024 for CLAM ResNet-50, 512 for DSMIL ResNet-18)")
-    p.add_argument("--num-subbags", type=int, default=10, help="G used at inference (released: 10 for CAMELYON16, 4 for TCGA; default 10)")
+    p.add_argument("--in-dim", type=positive_int, required=True, help="feature dimension C the checkpoint was trained on (1024 for CLAM ResNet-50, 512 for DSMIL ResNet-18)")
+    p.add_argument("--num-subbags", type=positive_int, default=10, help="G used at inference (released: 10 for CAMELYON16, 4 for TCGA; default 10)")
     p.add_argument("--grouping", default="random", help=f"grouping used at inference (default random): {GROUPINGS_HELP}")
-    p.add_argument("--n-classes", type=int, help="number of classes (default: read from the weights)")
-    p.add_argument("--heads", type=int, help="attention heads (default 8; heads x head-dim must match the weights)")
-    p.add_argument("--head-dim", type=int, help="width of each head (default: attention width / heads)")
+    p.add_argument("--n-classes", type=ranged(int, 2), help="number of classes (default: read from the weights)")
+    p.add_argument("--heads", type=positive_int, help="attention heads (default 8; heads x head-dim must match the weights)")
+    p.add_argument("--head-dim", type=positive_int, help="width of each head (default: attention width / heads)")
     p.add_argument("--class-names", nargs="+", help="class names in index order (default 0..C-1)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
@@ -129,15 +133,15 @@ def add_commands(subparsers) -> None:
     # -- synth -------------------------------------------------------------
     p = subparsers.add_parser("synth", help="write a synthetic WSI-like bag dataset", description="Synthetic slides: tissue-shaped patch grids, positives with a small spatially clustered fraction of shifted instances. Writes OUT/features/*.h5 and OUT/labels.csv.")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-slides", type=int, default=40, help="number of slides (default 40)")
-    p.add_argument("--seed", type=int, default=0, help="seed (same seed -> same files; default 0)")
-    p.add_argument("--in-dim", type=int, default=128, help="feature dimension (default 128)")
-    p.add_argument("--min-instances", type=int, default=200, help="fewest instances per slide (default 200)")
-    p.add_argument("--max-instances", type=int, default=20000, help="most instances per slide (default 20000; sizes are log-uniform)")
-    p.add_argument("--positive-fraction", type=float, nargs=2, metavar=("LO", "HI"), default=(0.01, 0.10), help="range of the tumour share of a positive slide's instances (default 0.01 0.10)")
-    p.add_argument("--positive-rate", type=float, default=0.5, help="share of positive slides (default 0.5)")
-    p.add_argument("--signal", type=float, default=4.0, help="shift of tumour instances along the tumour direction, in noise standard deviations (default 4)")
-    p.add_argument("--slides-per-case", type=int, default=1, help="slides per patient (case_id), for patient-level folds (default 1)")
+    p.add_argument("--n-slides", type=positive_int, default=40, help="number of slides (default 40)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed (same seed -> same files; default 0)")
+    p.add_argument("--in-dim", type=positive_int, default=128, help="feature dimension (default 128)")
+    p.add_argument("--min-instances", type=positive_int, default=200, help="fewest instances per slide (default 200)")
+    p.add_argument("--max-instances", type=positive_int, default=20000, help="most instances per slide (default 20000; sizes are log-uniform)")
+    p.add_argument("--positive-fraction", type=ranged(float, 0, 1, low_open=True), nargs=2, metavar=("LO", "HI"), default=(0.01, 0.10), help="range of the tumour share of a positive slide's instances (default 0.01 0.10)")
+    p.add_argument("--positive-rate", type=fraction, default=0.5, help="share of positive slides (default 0.5)")
+    p.add_argument("--signal", type=non_negative_float, default=4.0, help="shift of tumour instances along the tumour direction, in noise standard deviations (default 4)")
+    p.add_argument("--slides-per-case", type=positive_int, default=1, help="slides per patient (case_id), for patient-level folds (default 1)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -164,6 +168,13 @@ def _model_kwargs_from_args(args) -> dict[str, Any]:
         key, value = item.split("=", 1)
         kwargs[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return kwargs
+
+
+def _check_device(device: str) -> None:
+    """Fail at the start, before anything is written, on a device this machine lacks."""
+    from ..evaluate import resolve_device
+
+    resolve_device(device)
 
 
 def _set_threads(threads: int | None) -> None:
@@ -225,6 +236,8 @@ def cmd_train(args) -> int:
     from ..errors import MMILInputError
 
     exp = _experiment_from_args(args)
+    _check_device(exp.train.device)
+    check_output_dir(args.out)
     _set_threads(args.threads)
     features = Path(args.features)
     if features.suffix.lower() != ".csv" and not args.labels:
@@ -232,7 +245,7 @@ def cmd_train(args) -> int:
     dataset = load_dataset(features, args.labels)
     result = cross_validate(
         dataset, exp.model, exp.model_kwargs, exp.train, args.out,
-        folds=exp.folds, repeats=exp.repeats, seed=exp.seed, use_splits=exp.use_splits, experiment=exp,
+        folds=exp.folds, repeats=exp.repeats, seed=exp.seed, use_splits=exp.use_splits, experiment=exp, overwrite=args.overwrite,
     )
     s = result.summary
     print(f"{exp.model} on {dataset.source}: {len(dataset)} bags, classes {dataset.class_names}, split {s['split']}, R={exp.repeats}")
@@ -274,6 +287,9 @@ def cmd_evaluate(args) -> int:
     features = Path(args.features)
     if features.suffix.lower() != ".csv" and not args.labels:
         raise MMILInputError(f"{features}: --labels is required to evaluate on a features directory")
+    _check_device(args.device)
+    if args.out:
+        check_output_file(args.out)
     _set_threads(args.threads)
     ckpt = _resolve_checkpoint(args.checkpoint)
     dataset = load_dataset(features, args.labels)
@@ -293,6 +309,8 @@ def cmd_predict(args) -> int:
     from ..evaluate import load_for_inference, predict_probs, predictions_csv
     from ..io import write_text
 
+    _check_device(args.device)
+    check_output_file(args.out)
     _set_threads(args.threads)
     ckpt = _resolve_checkpoint(args.checkpoint)
     dataset = load_dataset(args.features, None).without_labels()  # a MIL CSV's labels play no part in prediction
@@ -317,6 +335,7 @@ def cmd_prune_limit(args) -> int:
     from ..io import write_json
     from ..pruning import prune_limit
 
+    check_output_file(args.out)
     _set_threads(args.threads)
     ckpt = _resolve_checkpoint(args.checkpoint)
     train = _labelled_dataset(args.features, args.labels)
@@ -339,6 +358,7 @@ def cmd_import_checkpoint(args) -> int:
 
     _check_grouping(args.grouping)
     out = Path(args.out)
+    check_output_dir(out)
     if (out / "config.json").exists() and not args.force:
         raise MMILInputError(f"{out}: already holds a checkpoint; choose another --out or pass --force")
     model = load_released_checkpoint(
@@ -358,6 +378,7 @@ def cmd_import_checkpoint(args) -> int:
 def cmd_synth(args) -> int:
     from ..data.synth import write_synthetic_dataset
 
+    check_output_dir(args.out)
     out = write_synthetic_dataset(
         args.out, args.n_slides, args.seed, in_dim=args.in_dim, min_instances=args.min_instances, max_instances=args.max_instances,
         positive_fraction=tuple(args.positive_fraction), signal=args.signal, positive_rate=args.positive_rate,

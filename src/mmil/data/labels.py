@@ -68,12 +68,21 @@ def read_label_csv(path: str | Path) -> LabelTable:
     if not rows:
         raise MMILInputError(f"{path}: empty label CSV; expected a header slide_id,label[,case_id][,split|fold]")
     header = [h.strip() for h in rows[0]]
+    _check_delimiter(path, header)
     body = rows[1:]
     if header and header[0] in ("", "Unnamed: 0", "index"):
         header, body = header[1:], [r[1:] for r in body]
     if "train" in header and "train_label" in header:
         return _read_wide(path, header, body)
     return _read_long(path, header, body)
+
+
+def _check_delimiter(path: Path, header: list[str]) -> None:
+    """A one-column header holding ``;`` or a tab is a CSV written with another delimiter."""
+    if len(header) == 1:
+        for sep, name in ((";", "semicolon"), ("\t", "tab")):
+            if sep in header[0]:
+                raise MMILInputError(f"{path}: the header {header[0]!r} is {name}-separated; mmil reads comma-separated CSV (slide_id,label,...): re-save it with commas as the delimiter")
 
 
 def _read_long(path: Path, header: list[str], body: list[list[str]]) -> LabelTable:
@@ -111,7 +120,9 @@ def _read_long(path: Path, header: list[str], body: list[list[str]]) -> LabelTab
         labels.append(canonical_label(lab) if lab else None)
         if "case_id" in col:
             case = row[col["case_id"]].strip()
-            cases.append(case or sid)
+            if not case:
+                raise MMILInputError(f"{path}: line {lineno} (slide {sid!r}) has an empty case_id; fill it in (the slides of one patient share a case_id) or drop the case_id column")
+            cases.append(case)
         if "split" in col:
             raw = row[col["split"]].strip().lower()
             if raw not in SPLIT_NAMES:

@@ -203,8 +203,9 @@ def find_bag_files(directory: str | Path) -> dict[str, Path]:
     """Map slide id (file stem) -> bag file for a features directory.
 
     Looks in ``directory`` itself, else in CLAM's ``h5_files/`` or ``pt_files/``
-    sub-directories. When a slide has both an ``.h5`` and a ``.pt`` file, the
-    ``.h5`` (which also carries coordinates) is used.
+    sub-directories (the first that holds bags). Two files of one slide id in the same
+    folder (``a.h5`` and ``a.pt``) are an error naming both: which one holds the
+    intended features cannot be guessed.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -217,8 +218,9 @@ def find_bag_files(directory: str | Path) -> dict[str, Path]:
         for p in sorted(folder.iterdir()):
             if p.suffix.lower() in FEATURE_SUFFIXES and p.is_file() and not p.name.startswith("."):
                 prev = found.get(p.stem)
-                if prev is None or (prev.suffix.lower() == ".pt" and p.suffix.lower() != ".pt"):
-                    found[p.stem] = p
+                if prev is not None:
+                    raise MMILInputError(f"{prev} and {p}: two bag files for slide {p.stem!r}; keep one of them (or move the other out of {folder})")
+                found[p.stem] = p
         if found:
             break
     if not found:

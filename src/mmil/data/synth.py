@@ -188,6 +188,12 @@ def write_synthetic_dataset(
 
     spec = SynthSpec(in_dim, min_instances, max_instances, tuple(positive_fraction), signal)
     spec.check()
+    if n_slides < 1:
+        raise MMILInputError(f"--n-slides must be >= 1, got {n_slides}")
+    if not 0.0 <= positive_rate <= 1.0:
+        raise MMILInputError(f"--positive-rate must be in [0, 1], got {positive_rate}")
+    if slides_per_case < 1:
+        raise MMILInputError(f"--slides-per-case must be >= 1, got {slides_per_case}")
     out_dir = Path(out_dir)
     feat_dir = out_dir / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
