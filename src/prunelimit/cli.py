@@ -5,7 +5,10 @@
     prunelimit list-models
 
 Options given on the command line override a ``--config`` YAML, which overrides the run
-directory's stored config.yaml. Bad input ends with one line on stderr and exit status 2.
+directory's stored config.yaml. Bad input ends with one line on stderr and exit status 2, before
+anything is computed or written: numbers are range-checked at parse time (the ranges of
+``prunelimit.config.BOUNDS``, which also check YAML values), the output directory, the device,
+the data and the model are checked before the first step runs.
 """
 from __future__ import annotations
 
@@ -13,17 +16,12 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, positive_int, ranged
+
+from .config import BOUNDS, FLAG_OPTIONS
 from .errors import PruneLimitError
 
-EXIT_USER_ERROR = 2
 STEP_COMMANDS = ("train", "spectrum", "predict", "prune", "report")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage text is one `--help` away)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse hook
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _lanczos_steps(text: str) -> int | str:
@@ -38,6 +36,22 @@ def _lanczos_steps(text: str) -> int | str:
     return value
 
 
+def _bounded(key: str):
+    """The argparse type of option ``key``: its kind and range from :data:`prunelimit.config.BOUNDS`."""
+    b = BOUNDS[key]
+    if b.kind is int and b.high is not None:  # (seed) print the integer bound in full, not as 4.29e+09
+        low = ranged(int, b.low, low_open=b.low_open)
+
+        def parse(text: str) -> int:
+            value = low(text)
+            if value > b.high:
+                raise argparse.ArgumentTypeError(f"must be <= {b.high}, got {text}")
+            return value
+
+        return parse
+    return ranged(b.kind, b.low, b.high, low_open=b.low_open, high_open=b.high_open)
+
+
 def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
     """Options shared by `run` and the step commands (all default to "not given")."""
     what = "required for a new run directory" if new_run else "only to check it matches the run directory"
@@ -48,19 +62,23 @@ def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
     g.add_argument("--data-root", metavar="PATH", help="folder with local datasets in torchvision's layout (never downloaded); "
                    "the CIFAR files are Python pickles, which can run code: use only files from the official archive")
     g.add_argument("--config", metavar="YAML", help="YAML file of options (field names of prunelimit.config.RunConfig); flags win over it")
-    g.add_argument("--seed", type=int, help="seed of the split, initialisation, shuffling and probes (default 0)")
+    g.add_argument("--seed", type=_bounded("seed"), help="seed of the split, initialisation, shuffling and probes (default 0)")
     g.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    g.add_argument("--force", action="store_true", help="redo the step(s) even if their results exist")
+    g.add_argument("--force", action="store_true", help="redo the step(s) even if their results exist (same model and dataset)")
+    if new_run:
+        g.add_argument("--overwrite", action="store_true",
+                       help="start the run directory afresh: delete the files prunelimit wrote there (refused if it holds "
+                       "other files); the stored config is ignored, so give --model and --dataset")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=int, metavar="N",
+    g.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy small machine)")
 
     t = parser.add_argument_group("training (l1-regularized)")
-    t.add_argument("--lam", type=float, help="l1 strength lambda (default: 2e-3 on digits, 1e-3 on mnist5k, the paper's per-model value otherwise)")
-    t.add_argument("--epochs", type=int, help="training epochs (default: 30 digits, 20 mnist5k, 160 otherwise)")
-    t.add_argument("--lr", type=float, help="SGD learning rate (default 0.05)")
-    t.add_argument("--batch-size", type=int, help="training batch size (default 128)")
-    t.add_argument("--weight-decay", type=float, help="l2 weight decay on all parameters (default 0)")
+    t.add_argument("--lam", type=_bounded("lam"), help="l1 strength lambda (default: 2e-3 on digits, 1e-3 on mnist5k, the paper's per-model value otherwise)")
+    t.add_argument("--epochs", type=_bounded("epochs"), help="training epochs (default: 30 digits, 20 mnist5k, 160 otherwise)")
+    t.add_argument("--lr", type=_bounded("lr"), help="SGD learning rate (default 0.05)")
+    t.add_argument("--batch-size", type=_bounded("batch_size"), help="training batch size (default 128)")
+    t.add_argument("--weight-decay", type=_bounded("weight_decay"), help="l2 weight decay on all parameters (default 0)")
     t.add_argument("--schedule", choices=("cosine", "step", "constant"), help="learning-rate schedule, stepped per epoch (default cosine)")
     t.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="no random crop/flip for CIFAR training (never used for the Hessian anyway)")
@@ -68,30 +86,26 @@ def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
     c = parser.add_argument_group("curvature and prediction")
     c.add_argument("--lanczos-steps", type=_lanczos_steps, metavar="M|auto",
                    help="Lanczos steps per probe; auto (default) grows m = 50, 100, 200, ... until p* moves < 0.005")
-    c.add_argument("--lanczos-max-steps", type=int, help="cap on m in auto mode (default 800)")
-    c.add_argument("--probes", type=int, help="Rademacher probes for SLQ (default 2)")
-    c.add_argument("--trace-samples", type=int, help="Hutchinson samples for Tr(H) (default 20)")
-    c.add_argument("--hessian-samples", type=int, metavar="N",
+    c.add_argument("--lanczos-max-steps", type=_bounded("lanczos_max_steps"), help="cap on m in auto mode (default 800)")
+    c.add_argument("--probes", type=_bounded("probes"), help="Rademacher probes for SLQ (default 2)")
+    c.add_argument("--trace-samples", type=_bounded("trace_samples"), help="Hutchinson samples for Tr(H) (default 20)")
+    c.add_argument("--hessian-samples", type=_bounded("hessian_samples"), metavar="N",
                    help="use a fixed seeded subset of N training samples for Hessian products (default: all; "
                    "epsilon always uses the whole training set, forward passes only)")
-    c.add_argument("--hessian-batch-size", type=int, help="batch size of Hessian passes; memory only, not the result (default 512)")
-    c.add_argument("--eps-batch-size", type=int, help="batch size whose per-batch loss spread is epsilon (default 128, as the paper)")
+    c.add_argument("--hessian-batch-size", type=_bounded("hessian_batch_size"), help="batch size of Hessian passes; memory only, not the result (default 512)")
+    c.add_argument("--eps-batch-size", type=_bounded("eps_batch_size"), help="batch size whose per-batch loss spread is epsilon (default 128, as the paper)")
     c.add_argument("--p0", choices=("auto", "on", "off"),
                    help="null-mass correction from Hessian rows: auto = on for conv nets, off for FC nets")
 
     p = parser.add_argument_group("pruning")
-    p.add_argument("--tolerance", type=float,
+    p.add_argument("--tolerance", type=_bounded("tolerance"),
                    help="accuracy drop (fraction, e.g. 0.01 = 1 point) allowed before the actual threshold (default 0)")
-    p.add_argument("--prune-ratio", type=float, metavar="P", help="also evaluate (and with --save-pruned save) the model pruned at ratio P in [0, 1) instead of at p*")
+    p.add_argument("--prune-ratio", type=_bounded("prune_ratio"), metavar="P", help="also evaluate (and with --save-pruned save) the model pruned at ratio P in [0, 1) instead of at p*")
     p.add_argument("--save-pruned", action="store_const", const=True,
                    help="save the pruned model (masks made permanent) as model_pruned.safetensors")
 
 
-CONFIG_FLAGS = (
-    "model", "dataset", "data_root", "seed", "device", "lam", "epochs", "lr", "batch_size", "weight_decay", "schedule",
-    "augment", "lanczos_steps", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples", "hessian_batch_size", "eps_batch_size",
-    "p0", "tolerance", "prune_ratio", "save_pruned",
-)
+CONFIG_FLAGS = FLAG_OPTIONS  # the options a flag sets (dest names = RunConfig fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,17 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Options from --config, then explicit flags on top."""
+    """Options from --config (checked with the command line's ranges, naming file and key), then flags on top."""
     from .config import RunConfig, load_yaml_mapping
+    from .preflight import check_device
 
     values: dict[str, Any] = {}
     if args.config:
         values = load_yaml_mapping(args.config)
-        RunConfig.from_dict({"model": "-", "dataset": "-", **values}, args.config)  # unknown keys fail here
+        source = f"--config {args.config}"
+        given = {k: v for k, v in values.items() if v is not None}
+        probe = RunConfig.from_dict({"model": "-", "dataset": "-", **given}, source)  # unknown keys, types
+        probe.validate(source, keys=given)
+        if "device" in given and args.device is None:
+            check_device(probe.device, f"{source}: option device")
     for name in CONFIG_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
+    if args.device is not None:
+        check_device(args.device, "--device")
     return values
 
 
@@ -170,16 +192,24 @@ def _print_step(command: str, run_dir) -> None:
         print(f"actual threshold = {result['threshold']:.4f} (keep {result['kept_fraction']:.2%})")
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error; an OSError names its file and the fix."""
+    if isinstance(err, OSError) and err.filename is not None:
+        names = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+        return f"{names}: {err.strerror or type(err).__name__}; check the path, its permissions and the free space"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except (PruneLimitError, FileNotFoundError, ValueError) as err:
+    except (PruneLimitError, ValueError, OSError) as err:  # OutputPathError is a ValueError
         if args.debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"prunelimit: error: {message}", file=sys.stderr)
+        print(f"prunelimit: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("prunelimit: interrupted (finished steps are kept; rerun to resume)", file=sys.stderr)
@@ -191,23 +221,27 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _cmd_list_models()
     if args.command == "list-datasets":
         return _cmd_list_datasets()
+    from mmpl.fsio import check_output_dir
+
+    if not args.out.strip():
+        raise PruneLimitError("--out is empty; give the path of the run directory")
+    check_output_dir(args.out, "--out")  # before anything is read, computed or written
     from .pipeline import STEPS, maybe_init_distributed, run_pipeline
     from .report import summary_lines
 
     from . import distributed
 
+    overrides = _overrides(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise PruneLimitError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
-    overrides = _overrides(args)
     started = maybe_init_distributed(overrides.get("device") or "cpu")
     rank = distributed.world()[0]
     try:
         steps = STEPS if args.command == "run" else (args.command,)
-        report = run_pipeline(args.out, overrides, steps=steps, force=args.force, progress=not args.no_progress)
+        report = run_pipeline(args.out, overrides, steps=steps, force=args.force, overwrite=getattr(args, "overwrite", False),
+                              progress=not args.no_progress)
     finally:
         if started:
             import torch.distributed

@@ -5,7 +5,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 import yaml
 
@@ -25,6 +25,98 @@ SMALL_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 LONG_SCHEDULE_EPOCHS = 160  # CIFAR-length schedule for every other dataset
 FALLBACK_LAM = 5e-5  # the paper's value for the FC nets; used for user models
+
+
+MAX_SEED = 2**32 - 2  # scikit-learn's split takes seeds below 2**32; the trace uses seed + 1
+
+
+class Bound(NamedTuple):
+    """The allowed range of one numeric option: ``low <= value <= high`` (``<`` where open)."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        """E.g. "an integer >= 1", "a finite number > 0", "a number in [0, 1)"."""
+        noun = "an integer" if self.kind is int else "a finite number" if self.high is None else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}" \
+                if self.kind is float else f"{noun} from {self.low} to {self.high}"
+        if self.low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        return noun
+
+
+# Every numeric option and its range; the command line (parse time) and validate() (YAML, stored
+# config.yaml, Python callers) both use this table.
+BOUNDS: dict[str, Bound] = {
+    "seed": Bound(int, 0, MAX_SEED),
+    "lam": Bound(float, 0),
+    "epochs": Bound(int, 1),
+    "lr": Bound(float, 0, low_open=True),
+    "momentum": Bound(float, 0, 1, high_open=True),
+    "weight_decay": Bound(float, 0),
+    "batch_size": Bound(int, 1),
+    "lanczos_max_steps": Bound(int, 2),
+    "lanczos_growth": Bound(float, 1, low_open=True),
+    "lanczos_tol": Bound(float, 0, low_open=True),
+    "probes": Bound(int, 1),
+    "trace_samples": Bound(int, 1),
+    "hessian_samples": Bound(int, 1),
+    "hessian_batch_size": Bound(int, 1),
+    "eps_batch_size": Bound(int, 1),
+    "p0_threshold": Bound(float, 0),
+    "regime_tol": Bound(float, 0, low_open=True),
+    "regime_min_share": Bound(float, 0, 1),
+    "tolerance": Bound(float, 0, 1, high_open=True),
+    "prune_ratio": Bound(float, 0, 1, high_open=True),
+}
+# Fields where None means "the default for this model/dataset" (or "not used").
+OPTIONAL_FIELDS = {"data_root", "lam", "epochs", "hessian_samples", "prune_ratio"}
+# Fields that have a command-line flag (--data-root for data_root, ...); the others are YAML-only.
+FLAG_OPTIONS = (
+    "model", "dataset", "data_root", "seed", "device", "lam", "epochs", "lr", "batch_size", "weight_decay", "schedule",
+    "augment", "lanczos_steps", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples", "hessian_batch_size",
+    "eps_batch_size", "p0", "tolerance", "prune_ratio", "save_pruned",
+)
+
+
+def option_label(key: str) -> str:
+    """How a message names an option given without a file: its flag, or "option KEY" for YAML-only ones."""
+    return "--" + key.replace("_", "-") if key in FLAG_OPTIONS else f"option {key}"
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed for option ``key`` ("must be ..., got ..."), or None when it is."""
+    from .regularize import SCHEDULES
+
+    if key in ("model", "dataset", "device"):
+        return None if isinstance(value, str) and value else "is required (a non-empty name)"
+    if value is None and key in OPTIONAL_FIELDS:
+        return None
+    bound = BOUNDS.get(key)
+    if bound is not None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bound.holds(value)
+        return None if ok else f"must be {bound.describe()}, got {value!r}"
+    if key == "lanczos_steps":
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2)
+        return None if ok else f"must be an integer >= 2 or 'auto', got {value!r}"
+    choices = {"p0": P0_MODES, "schedule": SCHEDULES}.get(key)
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(choices)}, got {value!r}"
+    if key in ("augment", "save_pruned") and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    return None
 
 
 @dataclass
@@ -69,46 +161,22 @@ class RunConfig:
     prune_ratio: float | None = None
 
     # ------------------------------------------------------------------ checks and defaults
-    def validate(self) -> "RunConfig":
-        """Raise :class:`PruneLimitError` for any out-of-range value (one line, naming the option)."""
-        def bad(option: str, why: str):
-            raise PruneLimitError(f"{option}: {why}")
+    def validate(self, source: str | None = None, keys: Iterable[str] | None = None) -> "RunConfig":
+        """Raise :class:`PruneLimitError` for the first out-of-range value (one line naming it).
 
-        if not self.model:
-            bad("--model", "is required")
-        if not self.dataset:
-            bad("--dataset", "is required")
-        if self.lam is not None and not (math.isfinite(self.lam) and self.lam >= 0):
-            bad("--lam", f"must be a finite number >= 0, got {self.lam}")
-        if self.epochs is not None and self.epochs < 0:
-            bad("--epochs", f"must be >= 0, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("--lr", f"must be > 0, got {self.lr}")
-        if self.batch_size < 1 or self.eps_batch_size < 1 or self.hessian_batch_size < 1:
-            bad("batch sizes", "must be >= 1")
-        if isinstance(self.lanczos_steps, str):
-            if self.lanczos_steps != "auto":
-                bad("--lanczos-steps", f"must be a positive integer or 'auto', got {self.lanczos_steps!r}")
-        elif self.lanczos_steps < 2:
-            bad("--lanczos-steps", f"must be >= 2, got {self.lanczos_steps}")
-        if self.lanczos_max_steps < 2 or not self.lanczos_growth > 1.0:
-            bad("lanczos_max_steps/lanczos_growth", "need lanczos_max_steps >= 2 and lanczos_growth > 1")
-        if not self.lanczos_tol > 0:
-            bad("lanczos_tol", f"must be > 0, got {self.lanczos_tol}")
-        if self.probes < 1:
-            bad("--probes", f"must be >= 1, got {self.probes}")
-        if self.trace_samples < 1:
-            bad("--trace-samples", f"must be >= 1, got {self.trace_samples}")
-        if self.hessian_samples is not None and self.hessian_samples < 1:
-            bad("--hessian-samples", f"must be >= 1, got {self.hessian_samples}")
-        if self.p0 not in P0_MODES:
-            bad("--p0", f"must be one of {', '.join(P0_MODES)}, got {self.p0!r}")
-        if not 0.0 <= self.tolerance < 1.0:
-            bad("--tolerance", f"is an accuracy drop as a fraction in [0, 1), got {self.tolerance}")
-        if self.prune_ratio is not None and not 0.0 <= self.prune_ratio < 1.0:
-            bad("--prune-ratio", f"pruning ratio must be in [0, 1), got {self.prune_ratio}")
-        if not self.regime_tol > 0 or not 0.0 <= self.regime_min_share <= 1.0:
-            bad("regime_tol/regime_min_share", "need regime_tol > 0 and regime_min_share in [0, 1]")
+        ``source`` names where the values came from (a YAML file: "FILE: option KEY ..."); without
+        it the message names the command-line flag ("--epochs ..."). ``keys`` limits the check to
+        those fields (the ones a file actually set). The ranges are :data:`BOUNDS`, the same ones
+        the command line enforces at parse time.
+        """
+        wanted = None if keys is None else set(keys)
+        for f in fields(self):
+            if wanted is not None and f.name not in wanted:
+                continue
+            problem = option_problem(f.name, getattr(self, f.name))
+            if problem:
+                where = f"{source}: option {f.name}" if source else option_label(f.name)
+                raise PruneLimitError(f"{where} {problem}")
         return self
 
     def resolved(self) -> "RunConfig":
@@ -156,16 +224,14 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(load_yaml_mapping(path), str(path))
+        return cls.from_dict(load_yaml_mapping(path, "config"), str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_FLOAT_OPTIONS = {"lam", "lr", "momentum", "weight_decay", "lanczos_growth", "lanczos_tol", "p0_threshold", "regime_tol",
-                  "regime_min_share", "tolerance", "prune_ratio"}
-_INT_OPTIONS = {"seed", "epochs", "batch_size", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples",
-                "hessian_batch_size", "eps_batch_size"}
+_FLOAT_OPTIONS = {k for k, b in BOUNDS.items() if b.kind is float}
+_INT_OPTIONS = {k for k, b in BOUNDS.items() if b.kind is int}
 _BOOL_OPTIONS = {"augment", "save_pruned"}
 
 
@@ -177,7 +243,7 @@ def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, An
     if not isinstance(data, dict):
         raise PruneLimitError(f"{source}: expected a mapping of options, got {type(data).__name__}")
     known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(k) for k in set(data) - known)
     if unknown:
         raise PruneLimitError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     out = {}
@@ -201,29 +267,41 @@ def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, An
                     value = int(value)
                 elif isinstance(value, bool) or not isinstance(value, (int, str)):
                     raise ValueError
+            elif isinstance(value, (list, dict, bool)):
+                raise ValueError
             elif not isinstance(value, str):
                 value = str(value)
         except (TypeError, ValueError):
             kind = ("a number" if key in _FLOAT_OPTIONS else "an integer" if key in _INT_OPTIONS
-                    else "true or false" if key in _BOOL_OPTIONS else "an integer or 'auto'")
+                    else "true or false" if key in _BOOL_OPTIONS else "an integer or 'auto'" if key == "lanczos_steps"
+                    else "a text value")
             raise PruneLimitError(f"{source}: option {key} must be {kind}, got {value!r}") from None
         out[key] = value
     return out
 
 
-def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file holding one mapping (``{}`` for an empty file)."""
+def load_yaml_mapping(path: str | Path, option: str = "--config") -> dict[str, Any]:
+    """Read a YAML file holding one mapping (``{}`` for an empty file); errors name ``option`` and the file."""
     path = Path(path)
+    if not path.exists():
+        raise PruneLimitError(f"{option} {path}: no such config file; give the path of a YAML file of options")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise PruneLimitError(f"{option} {path} is not a regular file; give the path of a YAML file of options")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise PruneLimitError(f"{option} {path}: not a UTF-8 text file; give a YAML file of options") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise PruneLimitError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise PruneLimitError(f"{option} {path}: not valid YAML ({what}{where})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise PruneLimitError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+        raise PruneLimitError(f"{option} {path}: expected a mapping of options (key: value lines), got {type(data).__name__}")
     return data
 
 

@@ -13,7 +13,6 @@ from the official archive.
 from __future__ import annotations
 
 import gzip
-import inspect
 import pickle
 import struct
 from dataclasses import dataclass
@@ -343,17 +342,7 @@ def load_mnist_bundle(data_root: str | Path | None) -> DatasetBundle:
 
 # ---------------------------------------------------------------------------- user datasets
 
-def _call_with_accepted(factory: Callable, **kwargs):
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return factory(**kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return factory(**kwargs)
-    return factory(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def _infer_num_classes(dataset: Dataset) -> int:
+def infer_num_classes(dataset: Dataset) -> int:
     if isinstance(dataset, TensorDataset):
         return int(dataset.tensors[1].max()) + 1
     return max(int(dataset[i][1]) for i in range(len(dataset))) + 1
@@ -362,26 +351,12 @@ def _infer_num_classes(dataset: Dataset) -> int:
 def load_user_dataset(path: str, data_root=None, seed: int = 0) -> DatasetBundle:
     """``package.module:factory`` -> a :class:`DatasetBundle` (or a ``(train, test)`` pair, shapes inferred).
 
-    The factory receives ``data_root`` and ``seed`` when its signature names them.
+    The factory receives ``data_root`` and ``seed`` when its signature names them; every failure is
+    one line naming ``--dataset`` (see :mod:`prunelimit.factories`).
     """
-    from .models.registry import resolve_import_path
+    from .factories import user_dataset
 
-    factory = resolve_import_path(path, "dataset")
-    result = _call_with_accepted(factory, data_root=data_root, seed=seed)
-    if isinstance(result, DatasetBundle):
-        bundle = result
-    elif isinstance(result, (tuple, list)) and len(result) == 2:
-        train, test = result
-        if len(train) == 0:
-            raise PruneLimitError(f"dataset {path!r}: the training set is empty")
-        x0 = torch.as_tensor(train[0][0])
-        bundle = DatasetBundle(train, test, tuple(x0.shape), max(_infer_num_classes(train), _infer_num_classes(test)), path)
-    else:
-        raise PruneLimitError(f"dataset {path!r}: the factory must return a prunelimit.data.DatasetBundle or a (train, test) pair, got {type(result).__name__}")
-    if len(bundle.train) == 0 or len(bundle.test) == 0:
-        raise PruneLimitError(f"dataset {path!r}: empty train or test set")
-    bundle.name = bundle.name or path
-    return bundle
+    return user_dataset(path, data_root=data_root, seed=seed)
 
 
 def list_datasets() -> list[str]:

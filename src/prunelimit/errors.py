@@ -1,10 +1,12 @@
 """The one exception type `prunelimit` raises for bad input."""
 from __future__ import annotations
 
+from mmpl.errors import InputError
+
 __all__ = ["PruneLimitError"]
 
 
-class PruneLimitError(ValueError):
+class PruneLimitError(InputError):
     """A one-line, user-facing error: what is wrong and how to fix it.
 
     Subclasses ValueError so callers that already catch ValueError keep working;

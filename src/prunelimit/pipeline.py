@@ -16,50 +16,41 @@ the current configuration and its inputs are the current upstream results; other
 (re)computed. ``force`` recomputes regardless. So a rerun skips finished work, a changed
 option redoes exactly the steps that depend on it, and nothing stale survives.
 
+Before any step computes, the data is loaded and the model built and tried on it
+(:mod:`prunelimit.preflight`), so bad input fails in one line with nothing written; then
+``overwrite`` deletes the pipeline's files and a resumed run removes temporary files that a
+killed writer left behind. The directory layout lives in :mod:`prunelimit.rundir`.
+
 Under ``torchrun`` only the spectrum step runs on every rank (each on its shard of the data,
 combined by the core's all-reduces); the other steps run on rank 0 and only rank 0 writes.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from mmpl.fsio import remove_stale_temp_files
 from torch import nn
 
 from . import distributed
-from .config import RunConfig, coerce_options, load_yaml_mapping, step_settings
+from .config import RunConfig
 from .data import BatchIterable, DatasetBundle, load_dataset, subset_indices
 from .errors import PruneLimitError
-from .io import load_state_dict, read_json, save_state_dict, write_json, write_text
+from .io import load_state_dict, read_json, save_state_dict, write_json
 from .models import create_model
+from .preflight import check_data_and_model, check_eps_batches
+# The run directory's layout and bookkeeping live in rundir.py; re-exported here for callers.
+from .rundir import (  # noqa: F401
+    CONFIG_FILE, MODEL_FILE, MODEL_INFO_FILE, OPTIONAL, PLOT_FILES, PRUNED_MODEL_FILE, REQUIRES, RESULT_FILES, STEPS,
+    RunDirectory, clear_run_directory, open_run, save_config,
+)
 
-STEPS = ("train", "spectrum", "predict", "prune", "report")
-RESULT_FILES = {
-    "train": "train.json",
-    "spectrum": "spectrum.json",
-    "predict": "prediction.json",
-    "prune": "actual.json",
-    "report": "report.json",
-}
-# Required inputs of each step, and optional ones used when present (prune evaluates the model
-# at the predicted ratio when a prediction exists).
-REQUIRES = {"train": (), "spectrum": ("train",), "predict": ("train", "spectrum"), "prune": ("train",),
-            "report": ("train", "spectrum", "predict", "prune")}
-OPTIONAL = {"prune": ("predict",)}
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.safetensors"
-MODEL_INFO_FILE = "model.json"
-PRUNED_MODEL_FILE = "model_pruned.safetensors"
-PLOT_FILES = {"spectrum": "spectrum.png", "width": "gaussian_width.png", "accuracy": "accuracy_vs_ratio.png"}
 EVAL_BATCH_SIZE = 1024
 
 
@@ -69,158 +60,6 @@ def _loss_fn() -> nn.Module:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# ============================================================================ run directory
-class RunDirectory:
-    """File layout and step bookkeeping of one run directory."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    def result_path(self, step: str) -> Path:
-        return self.path / RESULT_FILES[step]
-
-    def read_result(self, step: str) -> dict | None:
-        path = self.result_path(step)
-        if not path.is_file():
-            return None
-        data = read_json(path)
-        if not isinstance(data, dict) or "stamp" not in data:
-            raise PruneLimitError(f"{path} is not a prunelimit result file; delete it or use another --out")
-        return data
-
-    def stamp(self, step: str) -> str | None:
-        result = self.read_result(step)
-        return None if result is None else result["stamp"]
-
-    def current_inputs(self, step: str) -> dict[str, str]:
-        """Stamps of the results ``step`` is computed from (required ones must exist)."""
-        inputs = {}
-        for up in REQUIRES[step]:
-            stamp = self.stamp(up)
-            if stamp is None:
-                raise PruneLimitError(
-                    f"{self.path} has no {RESULT_FILES[up]} yet: run `prunelimit {up} --out {self.path}` "
-                    f"(or `prunelimit run`) before `{step}`"
-                )
-            inputs[up] = stamp
-        for up in OPTIONAL.get(step, ()):
-            stamp = self.stamp(up)
-            if stamp is not None:
-                inputs[up] = stamp
-        return inputs
-
-    def status(self, step: str, config: RunConfig) -> tuple[bool, str]:
-        """(done, why not): done iff the result exists, with these settings, from the current inputs."""
-        result = self.read_result(step)
-        if result is None:
-            return False, "no result yet"
-        wanted = _jsonable(step_settings(config, step))
-        stored = result.get("settings", {})
-        if stored != wanted:
-            changed = sorted(k for k in set(wanted) | set(stored) if wanted.get(k) != stored.get(k))
-            return False, "settings changed: " + ", ".join(f"{k} {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        try:
-            inputs = self.current_inputs(step)
-        except PruneLimitError:
-            return False, "inputs missing"
-        if result.get("inputs", {}) != inputs:
-            return False, "an earlier step was redone"
-        return True, "done"
-
-    def write_result(self, step: str, payload: dict, config: RunConfig, inputs: dict[str, str], seconds: float) -> dict:
-        record = {
-            "step": step,
-            "stamp": uuid.uuid4().hex,
-            "settings": step_settings(config, step),
-            "inputs": inputs,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(seconds, 3),
-            **payload,
-        }
-        write_json(self.result_path(step), record)
-        return record
-
-
-def _jsonable(obj):
-    import json
-
-    from .io import _to_builtin
-
-    return json.loads(json.dumps(_to_builtin(obj)))
-
-
-# ============================================================================ configuration
-def open_run(out: str | os.PathLike, overrides: dict[str, Any] | None = None, *, must_exist: bool = False) -> tuple[RunDirectory, RunConfig]:
-    """The run directory and its configuration: stored ``config.yaml`` updated by ``overrides``.
-
-    ``overrides`` holds options the user set explicitly (``None`` values are ignored). A run
-    directory made for another model or dataset is refused; a new one needs both. Names are
-    checked here; the resolved configuration is written (by :func:`save_config`) once a step
-    succeeds, so the directory always says how its results were made.
-    """
-    run = RunDirectory(out)
-    overrides = {k: v for k, v in coerce_options(dict(overrides or {}), "options").items() if v is not None}
-    config_path = run.file(CONFIG_FILE)
-    if run.path.exists() and not run.path.is_dir():
-        raise PruneLimitError(f"--out {run.path} exists and is not a directory")
-    if config_path.is_file():
-        stored = RunConfig.from_dict(load_yaml_mapping(config_path), str(config_path))
-        for key in ("model", "dataset"):
-            if key in overrides and overrides[key] != getattr(stored, key):
-                raise PruneLimitError(
-                    f"run directory {run.path} holds a run of model {stored.model!r} on dataset {stored.dataset!r}, "
-                    f"not {key} {overrides[key]!r}; choose another --out"
-                )
-        config = dataclasses.replace(stored, **overrides)
-    else:
-        if must_exist:
-            raise PruneLimitError(f"{run.path} is not a prunelimit run directory (no {CONFIG_FILE}); start one with `prunelimit run` or `prunelimit train`")
-        if not overrides.get("model") or not overrides.get("dataset"):
-            raise PruneLimitError(f"new run directory {run.path}: --model and --dataset are required")
-        try:
-            config = RunConfig(**overrides)
-        except TypeError as err:
-            raise PruneLimitError(str(err)) from None
-    config = config.resolved()
-    info_path = run.file(MODEL_INFO_FILE)
-    if info_path.is_file():
-        info = read_json(info_path)
-        if info.get("model") != config.model or info.get("dataset") != config.dataset:
-            raise PruneLimitError(
-                f"{info_path} describes model {info.get('model')!r} on {info.get('dataset')!r} but {config_path} says "
-                f"{config.model!r} on {config.dataset!r}; the run directory was mixed up, choose another --out"
-            )
-    _check_names(config)
-    return run, config
-
-
-def _check_names(config: RunConfig) -> None:
-    """Unknown zoo or dataset names fail before anything is written."""
-    from .data import BUILTIN_DATASETS
-    from .models import list_models
-
-    if ":" not in config.model and config.model not in list_models():
-        raise PruneLimitError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}, or give 'package.module:factory'")
-    if ":" not in config.dataset and config.dataset not in BUILTIN_DATASETS:
-        raise PruneLimitError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(BUILTIN_DATASETS)}, or give 'package.module:factory'")
-
-
-def save_config(run: RunDirectory, config: RunConfig) -> None:
-    """Write config.yaml (atomically) when it differs from what is stored; rank 0 only.
-
-    Called after a step succeeds, so a run that fails in its first step leaves no directory behind.
-    """
-    if distributed.world()[0] != 0:
-        return
-    path = run.file(CONFIG_FILE)
-    text = config.to_yaml()
-    if not path.is_file() or path.read_text() != text:
-        write_text(path, text)
 
 
 # ============================================================================ context
@@ -314,27 +153,14 @@ def step_train(ctx: Context) -> dict:
 
 def step_spectrum(ctx: Context) -> dict:
     """epsilon, the SLQ spectrum (m chosen by convergence of p* when ``auto``), Hutchinson trace, p0."""
-    from .geometry import ThresholdConvergence, solve_threshold, radius_curve
-    from .hessian import HessianOperator, hessian_rows_null_mass, hutchinson_trace, loss_epsilon, slq
+    from .geometry import solve_threshold, radius_curve
+    from .hessian import HessianOperator, hessian_rows_null_mass, hutchinson_trace, loss_epsilon
     from .params import weights_vector
 
-    cfg, bundle = ctx.config, ctx.bundle
+    cfg = ctx.config
     model = ctx.load_model()
     loss_fn = _loss_fn()
-    rank, world_size = distributed.world()
-    indices = subset_indices(len(bundle.train), cfg.hessian_samples, cfg.seed)
-    # Fixed passes over the non-augmented training set (the raw Dataset; augmentation lives in bundle.augment).
-    hessian_data = BatchIterable(bundle.train, cfg.hessian_batch_size, indices=indices, device=ctx.device)
-    eps_data = BatchIterable(bundle.train, cfg.eps_batch_size, device=ctx.device)
-    if world_size > 1:
-        hessian_data = distributed.shard(hessian_data, rank, world_size)
-        eps_data = distributed.shard(eps_data, rank, world_size)
-
-    if len(bundle.train) <= cfg.eps_batch_size:
-        raise PruneLimitError(
-            f"epsilon is the spread of per-batch losses, but the {len(bundle.train)} training samples fill only one "
-            f"batch of {cfg.eps_batch_size}; set a smaller --eps-batch-size"
-        )
+    hessian_data, eps_data = _spectrum_data(ctx)
     epsilon = loss_epsilon(model, loss_fn, eps_data, progress=ctx.progress)
     op = HessianOperator(model, loss_fn, hessian_data, progress=ctx.progress)
     ctx.log(f"spectrum: eps = {epsilon:.4g}, D = {op.dim}, {op.num_samples} Hessian samples"
@@ -349,27 +175,9 @@ def step_spectrum(ctx: Context) -> dict:
 
     w = weights_vector(model)
     auto = cfg.lanczos_steps == "auto"
-    stop = None
-    if auto:
-        stop = ThresholdConvergence(w, epsilon, p0, tol=cfg.lanczos_tol, min_steps=min(50, cfg.lanczos_max_steps),
-                                    growth=cfg.lanczos_growth)
-        num_steps = cfg.lanczos_max_steps
-    else:
-        num_steps = int(cfg.lanczos_steps)
-    spectrum = slq(op, None, None, num_steps=num_steps, num_probes=cfg.probes, seed=cfg.seed,
-                   progress=ctx.progress, stop_when=stop)
+    spectrum, stop, converged = _lanczos(ctx, op, w, epsilon, p0)
     steps = [int(s) for s in spectrum.steps]
     chosen = max(steps)
-    converged = None
-    if auto:
-        # Converged: the last two checkpoints agree, or the run ended early (breakdown, m = D).
-        converged = all(
-            (len(hist) >= 2 and abs(hist[-1][1] - hist[-2][1]) < cfg.lanczos_tol) or s < num_steps or s >= op.dim
-            for hist, s in zip(stop.history, steps)
-        )
-        if not converged:
-            ctx.log(f"spectrum: p* had not settled to {cfg.lanczos_tol} after {num_steps} Lanczos steps; "
-                    "raise lanczos_max_steps for a steadier estimate")
     trace = hutchinson_trace(op, None, None, cfg.trace_samples, seed=cfg.seed + 1, progress=ctx.progress)
     curve = radius_curve(w)
     per_probe = [solve_threshold(curve, (spectrum.nodes[k:k + 1], spectrum.weights[k:k + 1]), epsilon, p0)
@@ -397,6 +205,49 @@ def step_spectrum(ctx: Context) -> dict:
         "hvp_cached_graph": bool(op.cached),
         "spectrum": spectrum.to_dict(),
     }
+
+
+def _spectrum_data(ctx: Context) -> tuple[BatchIterable, BatchIterable]:
+    """Fixed passes over the non-augmented training set (augmentation lives in bundle.augment): Hessian, epsilon."""
+    cfg, bundle = ctx.config, ctx.bundle
+    check_eps_batches(len(bundle.train), cfg.eps_batch_size)
+    rank, world_size = distributed.world()
+    indices = subset_indices(len(bundle.train), cfg.hessian_samples, cfg.seed)
+    hessian_data = BatchIterable(bundle.train, cfg.hessian_batch_size, indices=indices, device=ctx.device)
+    eps_data = BatchIterable(bundle.train, cfg.eps_batch_size, device=ctx.device)
+    if world_size > 1:
+        hessian_data = distributed.shard(hessian_data, rank, world_size)
+        eps_data = distributed.shard(eps_data, rank, world_size)
+    return hessian_data, eps_data
+
+
+def _lanczos(ctx: Context, op, w, epsilon: float, p0: float):
+    """SLQ with m fixed, or grown until p* settles ("auto"): (spectrum, stop rule or None, converged or None)."""
+    from .geometry import ThresholdConvergence
+    from .hessian import slq
+
+    cfg = ctx.config
+    auto = cfg.lanczos_steps == "auto"
+    stop = None
+    if auto:
+        stop = ThresholdConvergence(w, epsilon, p0, tol=cfg.lanczos_tol, min_steps=min(50, cfg.lanczos_max_steps),
+                                    growth=cfg.lanczos_growth)
+        num_steps = cfg.lanczos_max_steps
+    else:
+        num_steps = int(cfg.lanczos_steps)
+    spectrum = slq(op, None, None, num_steps=num_steps, num_probes=cfg.probes, seed=cfg.seed,
+                   progress=ctx.progress, stop_when=stop)
+    converged = None
+    if auto:
+        # Converged: the last two checkpoints agree, or the run ended early (breakdown, m = D).
+        converged = all(
+            (len(hist) >= 2 and abs(hist[-1][1] - hist[-2][1]) < cfg.lanczos_tol) or int(s) < num_steps or int(s) >= op.dim
+            for hist, s in zip(stop.history, spectrum.steps)
+        )
+        if not converged:
+            ctx.log(f"spectrum: p* had not settled to {cfg.lanczos_tol} after {num_steps} Lanczos steps; "
+                    "raise lanczos_max_steps for a steadier estimate")
+    return spectrum, stop, converged
 
 
 def load_spectrum(record: dict):
@@ -572,7 +423,7 @@ def step_report(ctx: Context) -> dict:
 
     report = build_report(ctx)
     run = ctx.run
-    write_plots(run.path, run.read_result("spectrum"), run.read_result("predict"), run.read_result("prune"), PLOT_FILES)
+    write_plots(run.root, run.read_result("spectrum"), run.read_result("predict"), run.read_result("prune"), PLOT_FILES)
     return report
 
 
@@ -591,13 +442,17 @@ class StepOutcome:
 
 
 def run_steps(run: RunDirectory, config: RunConfig, steps: Sequence[str] = STEPS, *, force: bool = False,
-              progress: bool = True, log: Callable[[str], None] = _stderr) -> list[StepOutcome]:
-    """Run ``steps`` in order on ``run``, skipping those already done (unless ``force``)."""
+              overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = _stderr) -> list[StepOutcome]:
+    """Run ``steps`` in order on ``run``, skipping those already done (unless ``force``).
+
+    ``overwrite`` first deletes every file the pipeline wrote there (refusing unknown files).
+    """
     unknown = [s for s in steps if s not in STEP_FUNCTIONS]
     if unknown:
         raise PruneLimitError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
     rank, world_size = distributed.world()
     ctx = Context(run, config, progress=progress and rank == 0, log=log if rank == 0 else (lambda _m: None))
+    _prepare(ctx, steps, force=force, overwrite=overwrite)
     outcomes = []
     for index, step in enumerate(steps):
         done, why = run.status(step, config)
@@ -628,6 +483,34 @@ def run_steps(run: RunDirectory, config: RunConfig, steps: Sequence[str] = STEPS
     return outcomes
 
 
+def _prepare(ctx: Context, steps: Sequence[str], *, force: bool, overwrite: bool) -> None:
+    """Check data and model when anything will run, then (rank 0) start afresh or tidy up a resumed directory."""
+    run = ctx.run
+    if not overwrite:
+        _check_plan(run, ctx.config, steps, force)
+    if overwrite or force or not all(run.status(s, ctx.config)[0] for s in steps):
+        check_data_and_model(ctx, steps)
+    rank, world_size = distributed.world()
+    if rank == 0 and run.root.is_dir():
+        if overwrite:
+            removed = clear_run_directory(run)
+            if removed:
+                ctx.log(f"--overwrite: deleted {', '.join(removed)} from {run.path}")
+        elif remove_stale_temp_files(run.root):
+            ctx.log(f"removed temporary files a killed run left in {run.path}")
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def _check_plan(run: RunDirectory, config: RunConfig, steps: Sequence[str], force: bool) -> None:
+    """Up front, the input checks the loop makes for steps that build on results of earlier invocations."""
+    for index, step in enumerate(steps):
+        earlier = steps[:index]
+        if any(up in earlier for up in REQUIRES[step]) or (not force and run.status(step, config)[0]):
+            continue
+        _check_upstream_current(run, config, step, run.current_inputs(step), already=earlier)
+
+
 def _check_upstream_current(run: RunDirectory, config: RunConfig, step: str, inputs: dict[str, str], already: Sequence[str]) -> None:
     """Refuse to build on a result that is itself out of date (e.g. `report` after `spectrum --force`)."""
     for up in inputs:
@@ -653,13 +536,18 @@ def maybe_init_distributed(device: str) -> bool:
 
 
 def run_pipeline(out: str | os.PathLike, overrides: dict[str, Any] | None = None, *, steps: Sequence[str] = STEPS,
-                 force: bool = False, progress: bool = True, log: Callable[[str], None] = _stderr) -> dict | None:
+                 force: bool = False, overwrite: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = _stderr) -> dict | None:
     """Open (or start) the run directory ``out`` with ``overrides`` and run ``steps``.
 
+    ``overwrite`` starts ``out`` afresh from ``overrides`` alone: the stored configuration is
+    ignored and the pipeline's files are deleted (only those; unknown files make it refuse).
     Returns report.json's content when the report step ran or exists, else ``None``.
     """
-    must_exist = steps[0] != "train" and "train" not in steps
-    run, config = open_run(out, overrides, must_exist=must_exist)
-    run_steps(run, config, steps, force=force, progress=progress, log=log)
+    must_exist = "train" not in steps
+    if overwrite and must_exist:
+        raise PruneLimitError("--overwrite starts the run afresh, so it needs the train step: use `prunelimit run` or `prunelimit train`")
+    run, config = open_run(out, overrides, must_exist=must_exist, fresh=overwrite)
+    run_steps(run, config, steps, force=force, overwrite=overwrite, progress=progress, log=log)
     report = run.read_result("report") if "report" in steps else None
     return report

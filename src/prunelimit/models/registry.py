@@ -2,19 +2,19 @@
 
 Zoo builders register themselves with :func:`register_model`; any other model is
 reached by an import path ``package.module:factory`` (the factory is called with
-``(in_shape, num_classes)`` when it accepts two arguments, with nothing otherwise).
+``(in_shape, num_classes)`` when it accepts two arguments, with nothing otherwise; see
+:mod:`prunelimit.factories` for the checks and messages).
 """
 from __future__ import annotations
 
 import fnmatch
-import importlib
-import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from torch import nn
 
 from ..errors import PruneLimitError
+from ..factories import resolve_import_path, user_model  # noqa: F401  (resolve_import_path re-exported)
 
 
 @dataclass(frozen=True)
@@ -64,38 +64,6 @@ def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def resolve_import_path(path: str, what: str = "model"):
-    """Import ``package.module:attr`` and return the attribute (one-line errors)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise PruneLimitError(f"{what} {path!r}: expected 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise PruneLimitError(f"{what} {path!r}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?") from None
-    target = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise PruneLimitError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise PruneLimitError(f"{what} {path!r}: {attr!r} is not callable")
-    return target
-
-
-def _accepts_two_positionals(func) -> bool:
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):
-        return True
-    positional = [
-        p for p in sig.parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    has_varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
-    return has_varargs or len(positional) >= 2
-
-
 def create_model(name: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
     """Build zoo model ``name`` (or a user model ``package.module:factory``) for the data's shape.
 
@@ -107,11 +75,7 @@ def create_model(name: str, in_shape: Sequence[int], num_classes: int, **kwargs)
     if num_classes < 2:
         raise PruneLimitError(f"model {name!r}: num_classes must be >= 2, got {num_classes}")
     if is_import_path(name):
-        factory = resolve_import_path(name, "model")
-        model = factory(in_shape, num_classes, **kwargs) if _accepts_two_positionals(factory) else factory(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise PruneLimitError(f"model {name!r}: the factory returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return user_model(name, in_shape, num_classes, **kwargs)
     spec = _REGISTRY.get(name)
     if spec is None:
         raise PruneLimitError(
