@@ -323,7 +323,9 @@ def test_extract_without_weights_stops_before_writing(slide_set, tmp_path, capsy
     out = tmp_path / "out"
     assert main(["extract", "--slides", str(sdir), "--coords", str(cdir), "--out", str(out), "--no-progress"]) == 2
     assert "--weights" in capsys.readouterr().err and not out.exists()
-    assert main(["extract", "--slides", str(sdir), "--coords", str(cdir), "--out", str(out), "--random-weights", "--shard", "2/2"]) == 2
+    with pytest.raises(SystemExit) as exc:  # a bad --shard is refused by the parser
+        main(["extract", "--slides", str(sdir), "--coords", str(cdir), "--out", str(out), "--random-weights", "--shard", "2/2"])
+    assert exc.value.code == 2
     assert main(["extract", "--slides", str(sdir), "--coords", str(tmp_path / "nowhere"), "--out", str(out), "--random-weights"]) == 2
     assert not out.exists()
 

@@ -344,4 +344,6 @@ def test_tile_config_from_yaml_and_bad_options(tmp_path, slides):
         assert f["coords"].attrs["patch_size_level0"] == 256  # 64 px at 10x on a 40x slide
     cfg_path.write_text("patch_sise: 64\n")
     assert main(["tile", "--slides", str(slides["dir"]), "--out", str(out), "--config", str(cfg_path)]) == 2
-    assert main(["tile", "--slides", str(slides["dir"]), "--out", str(out), "--min-tissue-fraction", "2"]) == 2
+    with pytest.raises(SystemExit) as exc:  # out of range: refused by the parser, before anything runs
+        main(["tile", "--slides", str(slides["dir"]), "--out", str(out), "--min-tissue-fraction", "2"])
+    assert exc.value.code == 2

@@ -22,14 +22,15 @@ is not seen on the CPU.
 Layout of ``DIR``: ``results.csv``, ``summary.md``, ``roc.png``, ``metrics.png``,
 ``cost.csv``, ``cost.png``, ``bench_config.json`` and ``runs/<model>/`` (the
 cross-validation directory of each model plus ``bench.json`` and ``cost.json``,
-which make a rerun skip finished work). Every file is written atomically.
+which make a rerun skip finished work). Every file is written atomically;
+``bench_config.json`` last, with the reports it describes. When a rerun may reuse
+the directory, and how ``--overwrite`` clears it, is in :mod:`mmil.bench_dir`.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -46,6 +47,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import bench_dir
+from .bench_dir import (  # noqa: F401 - the state records of runs/<model>/ (re-exported)
+    STATE_VERSION,
+    cost_fingerprint,
+    dataset_fingerprint,
+    expected_fingerprints,
+    model_fingerprint,
+    read_state as _read_state,
+    train_fingerprint as _train_fingerprint,
+)
 from .config import TrainConfig, read_yaml_mapping
 from .errors import MMILInputError
 from .io import atomic_path, write_json, write_text
@@ -59,7 +70,6 @@ RESULT_COLUMNS = ("model", "fold", *METRICS, "train_seconds", "inference_ms_per_
 #: Columns that measure the machine rather than the model (they change between runs).
 TIMING_COLUMNS = ("train_seconds", "inference_ms_per_bag", "peak_memory_mb")
 COST_COLUMNS = ("model", "n_instances", "inference_ms", "peak_memory_mb", "device", "status")
-STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -98,7 +108,9 @@ class BenchConfig:
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`MMILInputError` for unknown models or values out of range."""
+        """Raise :class:`MMILInputError` for unknown models or values of the wrong type or out of range."""
+        if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
+            raise MMILInputError(f"models must be a list of model names (--models), got {self.models!r}")
         known = list_models()
         unknown = [m for m in self.models if m not in known]
         if unknown:
@@ -110,19 +122,20 @@ class BenchConfig:
         stray = [m for m in self.model_kwargs if m not in known]
         if stray:
             raise MMILInputError(f"model_kwargs names unknown model(s) {', '.join(map(repr, stray))}; choose from: {', '.join(known)}")
-        if self.folds < 2:
-            raise MMILInputError(f"--folds must be >= 2, got {self.folds}")
-        if self.repeats < 1:
-            raise MMILInputError(f"--repeats must be >= 1, got {self.repeats}")
-        for name in ("folds", "repeats", "seed", "cost_repeats"):
+        if not isinstance(self.train, TrainConfig):
+            raise MMILInputError(f"train must be a mapping of training options, got {self.train!r}")
+        for name, low, option in (("folds", 2, "--folds"), ("repeats", 1, "--repeats"), ("seed", 0, "--seed"), ("cost_repeats", 1, "")):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise MMILInputError(f"{name} must be an integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise MMILInputError(f"{name} must be an integer >= {low}, got {value!r}" + (f" ({option})" if option else ""))
+        if not isinstance(self.use_splits, bool):
+            raise MMILInputError(f"use_splits must be true or false, got {self.use_splits!r}")
+        if not isinstance(self.cost_sizes, (list, tuple)):
+            raise MMILInputError(f"cost_sizes must be a list of bag sizes such as [1k, 10k] (--cost-sizes), got {self.cost_sizes!r}")
         self.cost_sizes = [parse_size(n) for n in self.cost_sizes]
-        if self.cost_repeats < 1:
-            raise MMILInputError(f"cost_repeats must be >= 1, got {self.cost_repeats}")
-        if not isinstance(self.cost_budget_s, (int, float)) or self.cost_budget_s <= 0:
-            raise MMILInputError(f"cost_budget_s must be a number > 0, got {self.cost_budget_s!r}")
+        budget = self.cost_budget_s
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+            raise MMILInputError(f"cost_budget_s must be a number > 0, got {budget!r} (--cost-budget)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -145,8 +158,14 @@ class BenchConfig:
         if isinstance(models, str):
             models = parse_model_list(models)
         try:
-            return cls(train=TrainConfig.from_dict(train, f"{source} (train)"), models=list(models), **data)
+            train_cfg = TrainConfig.from_dict(train, f"{source} (train)")
+        except MMILInputError as err:  # range errors name the key only: say where it is
+            raise MMILInputError(str(err) if str(err).startswith(source) else f"{source}: train.{err}") from None
+        try:
+            return cls(train=train_cfg, models=models, **data)
         except TypeError as err:
+            raise MMILInputError(f"{source}: {err}") from None
+        except MMILInputError as err:
             raise MMILInputError(f"{source}: {err}") from None
 
     @classmethod
@@ -371,60 +390,6 @@ class ModelBench:
     cost: list[dict[str, Any]] = field(default_factory=list)
 
 
-def dataset_fingerprint(dataset) -> dict[str, Any]:
-    """What identifies the data of a bench (so a rerun on other data is refused)."""
-    ids = "\n".join(dataset.slide_ids) + "\n" + ",".join(map(str, np.asarray(dataset.labels).tolist()))
-    return {
-        "n_bags": len(dataset),
-        "in_dim": int(dataset.in_dim),
-        "n_classes": int(dataset.n_classes),
-        "class_names": list(dataset.class_names),
-        "ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
-    }
-
-
-def _train_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
-    for key in ("progress", "num_workers"):  # do not change results
-        d.pop(key, None)
-    return d
-
-
-def model_fingerprint(name: str, cfg: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "version": STATE_VERSION,
-        "model": name,
-        "model_kwargs": cfg.model_kwargs.get(name, {}),
-        "train": _train_fingerprint(cfg.train),
-        "folds": cfg.folds,
-        "repeats": cfg.repeats,
-        "seed": cfg.seed,
-        "use_splits": cfg.use_splits,
-        "data": data,
-    }
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), sort_keys=True, default=str) != json.dumps(b.get(k), sort_keys=True, default=str))
-
-
-def _read_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved state at ``path`` if it was made with ``fingerprint``; ``None`` if absent."""
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn or foreign file: redo that model (its fold checkpoints are reused)
-    diff = _differences(state.get("fingerprint", {}), fingerprint)
-    if diff:
-        raise MMILInputError(
-            f"{path}: made with other settings (differ in: {', '.join(diff)}); "
-            "rerun with the original settings or choose a fresh --out directory"
-        )
-    return state
-
-
 def _nan_to_none(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -444,7 +409,8 @@ def bench_model(dataset, name: str, cfg: BenchConfig, out_dir: Path, data_fp: di
     state = _read_state(state_path, fingerprint)
     if state is None:
         kwargs = cfg.model_kwargs.get(name, {})
-        result = cross_validate(dataset, name, kwargs, cfg.train, run_dir, folds=cfg.folds, repeats=cfg.repeats, seed=cfg.seed, use_splits=cfg.use_splits)
+        result = cross_validate(dataset, name, kwargs, cfg.train, run_dir, folds=cfg.folds, repeats=cfg.repeats, seed=cfg.seed,
+                                use_splits=cfg.use_splits, validate_data=False)  # run_bench read every bag once already
         device = resolve_device(cfg.train.device)
         params = count_parameters(create_model(name, in_dim=dataset.in_dim, n_classes=dataset.n_classes, **kwargs))
         index = {sid: i for i, sid in enumerate(dataset.slide_ids)}
@@ -477,19 +443,7 @@ def bench_cost(name: str, cfg: BenchConfig, in_dim: int, n_classes: int, out_dir
     if not cfg.cost_sizes:
         return []
     device = resolve_device(cfg.train.device)
-    fingerprint = {
-        "version": STATE_VERSION,
-        "model": name,
-        "model_kwargs": cfg.model_kwargs.get(name, {}),
-        "in_dim": in_dim,
-        "n_classes": n_classes,
-        "sizes": sorted(int(s) for s in cfg.cost_sizes),
-        "device": str(device),
-        "precision": cfg.train.precision,
-        "repeats": cfg.cost_repeats,
-        "budget_s": cfg.cost_budget_s,
-        "seed": cfg.seed,
-    }
+    fingerprint = cost_fingerprint(name, cfg, in_dim, n_classes, device)
     path = out_dir / "runs" / name / "cost.json"
     state = _read_state(path, fingerprint)
     if state is None:
@@ -671,36 +625,68 @@ class BenchResult:
     out_dir: Path
 
 
-def run_bench(dataset, cfg: BenchConfig, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None) -> BenchResult:
-    """Cross-validate every model of ``cfg`` on ``dataset`` and write the reports to ``out_dir``.
+def prepare_bench_directory(dataset, cfg: BenchConfig, out_dir: Path, *, overwrite: bool = False, progress: bool = False) -> tuple[dict[str, Any], bool]:
+    """Every check that can refuse the run, then the directory made ready; returns ``(data fingerprint, created)``.
 
-    Finished models (``runs/<model>/bench.json``) and cost tables are reused on a
-    rerun with the same settings; settings that differ are an error naming them.
+    Nothing is written until the settings match the work already in ``out_dir`` (or
+    ``overwrite`` found only the bench's own files there) and every bag has been read once.
     """
-    from tqdm.auto import tqdm
+    from .evaluate import resolve_device
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda msg: None)
     cfg.check()
     dataset.require_labels("benchmarking")
     if len(dataset) < cfg.folds:
         raise MMILInputError(f"{dataset.source}: {len(dataset)} bags cannot be split into {cfg.folds} folds; lower --folds")
+    device = resolve_device(cfg.train.device)
     data_fp = dataset_fingerprint(dataset)
-    write_json(out_dir / "bench_config.json", {"config": cfg.to_dict(), "data": {"source": dataset.source, **data_fp}})
+    if overwrite:
+        bench_dir.check_clearable(out_dir)
+    else:
+        record = bench_dir.settings_record(cfg.to_dict(), data_fp, dataset.source)
+        bench_dir.check_resumable(out_dir, record, {m: expected_fingerprints(m, cfg, data_fp, device) for m in cfg.models})
+    dataset.validate(progress=progress)
+    if overwrite:
+        bench_dir.clear_bench_directory(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bench_dir.remove_stale_temps(out_dir)  # left by a killed run
+    return data_fp, created
 
+
+def run_bench(dataset, cfg: BenchConfig, out_dir: str | Path, *, progress: bool = True, log: Callable[[str], None] | None = None,
+              overwrite: bool = False) -> BenchResult:
+    """Cross-validate every model of ``cfg`` on ``dataset`` and write the reports to ``out_dir``.
+
+    Finished models (``runs/<model>/bench.json``) and cost tables are reused on a
+    rerun with the same settings; settings that differ are refused before anything
+    is written, naming them (``overwrite`` starts the directory afresh instead).
+    ``bench_config.json`` is written with the reports, at the end.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    log = log or (lambda msg: None)
+    data_fp, created = prepare_bench_directory(dataset, cfg, out_dir, overwrite=overwrite, progress=progress)
     benches, cost = [], []
-    bar = tqdm(cfg.models, desc="bench", disable=not (progress and sys.stderr.isatty()))
-    for name in bar:
-        bar.set_postfix_str(name)
-        log(f"{name}: cross-validating ({cfg.folds} folds)")
-        b = bench_model(dataset, name, cfg, out_dir, data_fp)
-        log(f"{name}: mean AUC {mean_std([r['auc'] for r in b.rows])[0]:.4f}; measuring cost")
-        b.cost = bench_cost(name, cfg, dataset.in_dim, dataset.n_classes, out_dir)
-        benches.append(b)
-        cost.extend(b.cost)
-
+    try:
+        bar = tqdm(cfg.models, desc="bench", disable=not (progress and sys.stderr.isatty()))
+        for name in bar:
+            bar.set_postfix_str(name)
+            log(f"{name}: cross-validating ({cfg.folds} folds)")
+            b = bench_model(dataset, name, cfg, out_dir, data_fp)
+            log(f"{name}: mean AUC {mean_std([r['auc'] for r in b.rows])[0]:.4f}; measuring cost")
+            b.cost = bench_cost(name, cfg, dataset.in_dim, dataset.n_classes, out_dir)
+            benches.append(b)
+            cost.extend(b.cost)
+    except BaseException:
+        bench_dir.discard_if_empty(out_dir, created)
+        raise
     summary = summarize(benches)
+    _write_reports(dataset, cfg, out_dir, benches, summary, cost, data_fp)
+    return BenchResult(benches, summary, cost, out_dir)
+
+
+def _write_reports(dataset, cfg: BenchConfig, out_dir: Path, benches, summary, cost, data_fp: dict[str, Any]) -> None:
     header = {
         "data": f"{dataset.source} ({len(dataset)} bags, {dataset.n_classes} classes, {dataset.in_dim}-d features)",
         "folds": cfg.folds,
@@ -717,7 +703,10 @@ def run_bench(dataset, cfg: BenchConfig, out_dir: str | Path, *, progress: bool 
     plot_metric_bars(summary, out_dir / "metrics.png")
     if cost:
         plot_cost(cost, out_dir / "cost.png")
-    return BenchResult(benches, summary, cost, out_dir)
+    else:
+        (out_dir / "cost.png").unlink(missing_ok=True)  # an earlier run's plot would describe another table
+    # Last: the settings of the results just written (a failed or refused run leaves the pair as it was).
+    write_json(out_dir / bench_dir.CONFIG_NAME, bench_dir.settings_record(cfg.to_dict(), data_fp, dataset.source))
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, str]]:

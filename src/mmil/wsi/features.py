@@ -34,7 +34,8 @@ from .. import __version__
 from ..errors import MMILInputError
 from ..io import atomic_path, write_json, write_text
 from .backbones import Backbone, build_backbone
-from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb
+from .options import check_device
+from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb, remove_temp_files
 from .tiling import find_coords_dir
 from .transforms import PatchTransform
 
@@ -61,16 +62,13 @@ class ExtractConfig:
     """(index, count), zero-based index; ``None`` = all slides, or this rank's share under torchrun."""
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        """Check types and ranges (see :data:`mmil.wsi.options.EXTRACT_SPECS`), naming the key and its option."""
+        from .options import EXTRACT_SPECS, check_fields  # noqa: PLC0415
+
+        check_fields(self, EXTRACT_SPECS)
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.shard is not None:
-            i, n = self.shard
-            if not (n >= 1 and 0 <= i < n):
-                raise ValueError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
+            raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} (--precision)")
+        self.shard = normalize_shard(self.shard)
 
 
 @dataclass
@@ -99,10 +97,22 @@ def parse_shard(text: str) -> tuple[int, int]:
         i_s, n_s = text.split("/")
         i, n = int(i_s), int(n_s)
     except ValueError:
-        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+        raise MMILInputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+        raise MMILInputError(f"--shard I/N needs 0 <= I < N, got {text!r}")
     return i, n
+
+
+def normalize_shard(value: Any) -> tuple[int, int] | None:
+    """A shard from a config: ``None``, ``"I/N"`` or ``[I, N]`` -> ``(I, N)``; anything else is refused."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_shard(value)
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not (value[1] >= 1 and 0 <= value[0] < value[1]):
+        raise MMILInputError(f"shard must be I/N or [I, N] with 0 <= I < N, got {value!r} (--shard)")
+    return int(value[0]), int(value[1])
 
 
 def resolve_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -127,13 +137,7 @@ def resolve_device(device: str, env: dict[str, str] | None = None) -> torch.devi
         if torch.cuda.is_available():
             return torch.device(f"cuda:{int(env.get('LOCAL_RANK', 0))}")
         return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise MMILInputError(f"--device {device!r}: {err}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MMILInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
+    return check_device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -286,16 +290,50 @@ def extract_slide(slide_path: Path, coords_path: Path, out_path: Path, backbone:
     return int(feats.shape[0])
 
 
+def check_out_is_not_coords(out_dir: str | Path, coords_dir: Path) -> None:
+    """Refuse an ``--out`` that is the coordinate folder: feature files would replace the coordinate files."""
+    out = Path(out_dir)
+    if out.exists() and os.path.samefile(out, coords_dir):
+        raise MMILInputError(f"--out {out_dir} is the --coords folder; feature files would replace the coordinate files there, choose another --out")
+
+
+def _write_summary(path: Path, results: Sequence[ExtractResult]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("slide", "n_patches", "seconds", "status", "error"))
+    for r in results:
+        writer.writerow([r.slide, r.n_patches, f"{r.seconds:.3f}", r.status, r.error])
+    write_text(path, buf.getvalue())
+
+
+def _extract_one(slide_id: str, slide_path: Path, coords_dir: Path, out_dir: Path, backbone: Backbone | None, cfg: ExtractConfig, device: torch.device, show: bool) -> ExtractResult:
+    out_path = out_dir / f"{slide_id}.h5"
+    done = features_complete(out_path)
+    if done is not None and not cfg.overwrite:
+        return ExtractResult(slide_id, done, 0.0, "exists")
+    coords_path = coords_dir / f"{slide_id}.h5"
+    if not coords_path.is_file():
+        return ExtractResult(slide_id, 0, 0.0, "skipped", f"{coords_path}: no coordinate file (tiling failed or found no tissue; see the tiling summary.csv)")
+    t0 = time.perf_counter()
+    try:
+        n = extract_slide(Path(slide_path), coords_path, out_path, backbone, cfg, device, progress=show)
+        return ExtractResult(slide_id, n, time.perf_counter() - t0, "ok")
+    except per_slide_errors() as err:
+        return ExtractResult(slide_id, 0, time.perf_counter() - t0, "failed", describe_slide_error(err, slide_path))
+
+
 def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path, out_dir: str | Path, cfg: ExtractConfig, progress: bool = True, backbone: Backbone | None = None) -> list[ExtractResult]:
     """Extract features for this shard's slides; failures are recorded and the run continues.
 
     Writes ``extract_config.json`` and ``extract_summary.csv`` in ``out_dir`` (with a
     ``.shardI-of-N`` suffix when sharded, so ranks never write the same file).
+    Everything that can stop the run is checked before anything is written.
     """
     from tqdm import tqdm  # noqa: PLC0415
 
     cfg.validate()
     coords_dir = find_coords_dir(coords_dir)
+    check_out_is_not_coords(out_dir, coords_dir)
     out_dir = Path(out_dir)
     index, count = resolve_shard(cfg.shard)
     mine = shard_items(sorted(slides, key=lambda t: t[0]), index, count)
@@ -308,29 +346,11 @@ def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path,
         backbone.model.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if count == 1 else f".shard{index}-of-{count}"
-    write_json(out_dir / f"extract_config{suffix}.json", {**dataclass_to_dict(cfg), "shard": [index, count], "device": str(device)})
-    results: list[ExtractResult] = []
-    for slide_id, slide_path in tqdm(mine, desc=f"extract (shard {index}/{count})", unit="slide", disable=not show):
-        out_path = out_dir / f"{slide_id}.h5"
-        done = features_complete(out_path)
-        if done is not None and not cfg.overwrite:
-            results.append(ExtractResult(slide_id, done, 0.0, "exists"))
-            continue
-        coords_path = coords_dir / f"{slide_id}.h5"
-        if not coords_path.is_file():
-            results.append(ExtractResult(slide_id, 0, 0.0, "skipped", f"{coords_path}: no coordinate file (tiling failed or found no tissue; see the tiling summary.csv)"))
-            continue
-        t0 = time.perf_counter()
-        try:
-            n = extract_slide(Path(slide_path), coords_path, out_path, backbone, cfg, device, progress=show)
-            results.append(ExtractResult(slide_id, n, time.perf_counter() - t0, "ok"))
-        except per_slide_errors() as err:
-            results.append(ExtractResult(slide_id, 0, time.perf_counter() - t0, "failed", describe_slide_error(err, slide_path)))
-    name = f"extract_summary{suffix}.csv"
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("slide", "n_patches", "seconds", "status", "error"))
-    for r in results:
-        writer.writerow([r.slide, r.n_patches, f"{r.seconds:.3f}", r.status, r.error])
-    write_text(out_dir / name, buf.getvalue())
+    config_name, summary_name = f"extract_config{suffix}.json", f"extract_summary{suffix}.csv"
+    # Temporary files a killed run left; under sharding only this shard's (other ranks may be writing theirs now).
+    remove_temp_files(out_dir, None if count == 1 else [config_name, summary_name] + [f"{sid}.h5" for sid, _ in mine])
+    write_json(out_dir / config_name, {**dataclass_to_dict(cfg), "shard": [index, count], "device": str(device)})
+    results = [_extract_one(sid, p, coords_dir, out_dir, backbone, cfg, device, show)
+               for sid, p in tqdm(mine, desc=f"extract (shard {index}/{count})", unit="slide", disable=not show)]
+    _write_summary(out_dir / summary_name, results)
     return results

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import MMILInputError
 from ..io import atomic_path, write_text
-from .slide import describe_slide_error, open_slide, per_slide_errors, read_downsampled
+from .slide import describe_slide_error, open_slide, per_slide_errors, read_downsampled, remove_temp_files
 
 NORMALIZATIONS = ("rank", "minmax", "none")
 _GEOJSON_NAMESPACE = uuid.UUID("5d1f3c52-8f0e-4a55-9a7e-6f1f1d8b2c10")
@@ -62,16 +62,16 @@ class HeatmapConfig:
     """Inference-time model options (e.g. ``{"grouping": "coords"}``) passed to the checkpoint loader."""
 
     def validate(self) -> None:
-        if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        """Check types and ranges (see :data:`mmil.wsi.options.HEATMAP_SPECS`), naming the key and its option."""
+        from .options import HEATMAP_SPECS, check_fields  # noqa: PLC0415
+
+        check_fields(self, HEATMAP_SPECS)
         if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+            raise MMILInputError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r} (--normalize)")
         import matplotlib  # noqa: PLC0415
 
         if self.cmap not in matplotlib.colormaps:
-            raise ValueError(f"unknown colormap {self.cmap!r}; see matplotlib's colormap names (e.g. jet, viridis, coolwarm)")
+            raise MMILInputError(f"unknown colormap {self.cmap!r} (--cmap); see matplotlib's colormap names (e.g. jet, viridis, coolwarm)")
 
 
 @dataclass
@@ -357,6 +357,7 @@ def make_heatmaps(checkpoint_dir: str | Path, features_dir: str | Path, slides: 
     names = list(ckpt_cfg.get("extra", {}).get("class_names") or [str(c) for c in range(n_classes)])
     slide_paths = dict(slides)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out_dir)  # left by a killed run; every file is written afresh below
     results: list[HeatmapResult] = []
     for i in tqdm(range(len(dataset)), desc="heatmap", unit="slide", disable=not (progress and sys.stderr.isatty())):
         sid = dataset.slide_ids[i]

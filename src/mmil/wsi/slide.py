@@ -277,6 +277,7 @@ def list_slides(source: str | Path) -> list[tuple[str, Path]]:
     """``(slide_id, path)`` pairs from a directory or a CSV, sorted by id.
 
     Directory: every file whose name ends in one of :data:`SLIDE_SUFFIXES`.
+    One slide file (a name ending in one of them): that slide.
     CSV: a header with a ``path`` (or ``slide_path``) column and an optional
     ``slide_id`` column; relative paths are relative to the CSV's folder.
     Raises :class:`MMILInputError` for a missing source, an empty selection or
@@ -284,13 +285,34 @@ def list_slides(source: str | Path) -> list[tuple[str, Path]]:
     """
     source = Path(source)
     pairs: list[tuple[str, Path]] = []
+    if source.is_file() and is_slide_file(source):
+        return [(slide_id_from_path(source), source)]
     if source.is_dir():
         for p in sorted(source.iterdir()):
-            if p.is_file() and p.name.lower().endswith(SLIDE_SUFFIXES):
+            if p.is_file() and is_slide_file(p):
                 pairs.append((slide_id_from_path(p), p))
         if not pairs:
             raise MMILInputError(f"{source}: no slide files here (looked for {', '.join(SLIDE_SUFFIXES)}); pass the folder holding the slides or a CSV with a 'path' column")
     elif source.is_file():
+        pairs = _slides_from_csv(source)
+    else:
+        raise MMILInputError(f"{source}: no such slide directory or CSV; pass --slides DIR or --slides slides.csv")
+    seen: dict[str, Path] = {}
+    for sid, p in pairs:
+        if sid in seen:
+            raise MMILInputError(f"{source}: slide id {sid!r} appears twice ({seen[sid]} and {p}); output files are named by slide id, rename one")
+        seen[sid] = p
+    return sorted(pairs, key=lambda t: t[0])
+
+
+def is_slide_file(path: str | Path) -> bool:
+    """Whether ``path``'s name ends in one of :data:`SLIDE_SUFFIXES`."""
+    return Path(path).name.lower().endswith(SLIDE_SUFFIXES)
+
+
+def _slides_from_csv(source: Path) -> list[tuple[str, Path]]:
+    pairs: list[tuple[str, Path]] = []
+    try:
         with source.open(newline="") as fh:
             reader = csv.DictReader(fh)
             fields = [f.strip() for f in (reader.fieldnames or [])]
@@ -305,16 +327,11 @@ def list_slides(source: str | Path) -> list[tuple[str, Path]]:
                 if not p.is_absolute():
                     p = source.parent / p
                 pairs.append((row.get("slide_id") or slide_id_from_path(p), p))
-        if not pairs:
-            raise MMILInputError(f"{source}: the slide CSV lists no slides")
-    else:
-        raise MMILInputError(f"{source}: no such slide directory or CSV; pass --slides DIR or --slides slides.csv")
-    seen: dict[str, Path] = {}
-    for sid, p in pairs:
-        if sid in seen:
-            raise MMILInputError(f"{source}: slide id {sid!r} appears twice ({seen[sid]} and {p}); output files are named by slide id, rename one")
-        seen[sid] = p
-    return sorted(pairs, key=lambda t: t[0])
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise MMILInputError(f"{source}: not a slide CSV ({type(err).__name__}); pass a folder of slides, one slide file ({', '.join(SLIDE_SUFFIXES)}) or a CSV with a 'path' column") from None
+    if not pairs:
+        raise MMILInputError(f"{source}: the slide CSV lists no slides")
+    return pairs
 
 
 def config_from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "config") -> T:
@@ -326,7 +343,9 @@ def config_from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "
     kwargs = {}
     for name, value in values.items():
         nested = _nested_dataclass_type(fields[name])
-        if nested is not None and isinstance(value, Mapping):
+        if nested is not None:
+            if not isinstance(value, Mapping):
+                raise MMILInputError(f"{source}: {name} must be a mapping of options ({', '.join(f.name for f in dataclasses.fields(nested))}), got {value!r}")
             value = config_from_mapping(nested, value, source)
         kwargs[name] = value
     return cls(**kwargs)
@@ -339,6 +358,22 @@ def _nested_dataclass_type(field: dataclasses.Field):
         if dataclasses.is_dataclass(probe):
             return type(probe)
     return None
+
+
+def remove_temp_files(directory: str | Path, names: Sequence[str] | None = None) -> int:
+    """Delete the hidden ``.NAME.*.tmp`` files a killed atomic writer left directly in ``directory``
+    (only those of ``names`` when given); sub-folders and other files are left alone. Returns how many."""
+    import glob  # noqa: PLC0415
+
+    directory = Path(directory)
+    patterns = [f".{glob.escape(n)}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    count = 0
+    for pattern in patterns:
+        for tmp in directory.glob(pattern):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                count += 1
+    return count
 
 
 def dataclass_to_dict(obj: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .slide import (
     patch_geometry,
     per_slide_errors,
     read_downsampled,
+    remove_temp_files,
 )
 from .tissue import TissueMask, TissueParams, mask_outline, segment_slide
 
@@ -63,13 +64,13 @@ class TilingConfig:
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def validate(self) -> None:
-        if self.patch_size < 8:
-            raise ValueError(f"patch_size must be >= 8 pixels, got {self.patch_size}")
-        if not 0.0 <= self.min_tissue_fraction <= 1.0:
-            raise ValueError(f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}")
-        if not self.target_magnification > 0:
-            raise ValueError(f"target_magnification must be positive, got {self.target_magnification}")
-        self.tissue.validate()
+        """Check types and ranges (see :data:`mmil.wsi.options.TILING_SPECS`), naming the key and its option."""
+        from .options import TILING_SPECS, check_fields  # noqa: PLC0415
+
+        check_fields(self, TILING_SPECS)
+        if not isinstance(self.tissue, TissueParams):
+            raise MMILInputError(f"tissue must be a mapping of tissue options, got {self.tissue!r}")
+        self.tissue.validate("tissue.")
 
 
 @dataclass
@@ -223,6 +224,8 @@ def tile_slides(slides: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: Ti
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "patches", out_dir / "thumbnails"):
+        remove_temp_files(folder)  # left by a killed run
     write_json(out_dir / "tiling_config.json", dataclass_to_dict(cfg))
     results: list[TileResult] = []
     bar = tqdm(slides, desc="tile", unit="slide", disable=not (progress and sys.stderr.isatty()))

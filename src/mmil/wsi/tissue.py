@@ -45,15 +45,11 @@ class TissueParams:
     max_holes: int = 8
     ref_patch_um: float = 128.0
 
-    def validate(self) -> None:
-        if self.seg_downsample < 1:
-            raise ValueError(f"seg_downsample must be >= 1, got {self.seg_downsample}")
-        if not 0 <= self.sthresh <= 255:
-            raise ValueError(f"sthresh must be in 0..255, got {self.sthresh}")
-        if self.median_size < 1 or self.close_size < 0:
-            raise ValueError("median_size must be >= 1 and close_size >= 0")
-        if self.min_tissue_area < 0 or self.min_hole_area < 0 or self.max_holes < 0:
-            raise ValueError("min_tissue_area, min_hole_area and max_holes must be >= 0")
+    def validate(self, prefix: str = "") -> None:
+        """Check types and ranges (see :data:`mmil.wsi.options.TISSUE_SPECS`); keys are named with ``prefix``."""
+        from .options import TISSUE_SPECS, check_fields  # noqa: PLC0415
+
+        check_fields(self, TISSUE_SPECS, prefix)
 
 
 @dataclass
