@@ -31,10 +31,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from prunelimit.geometry import ThresholdConvergence, predict_threshold
-from prunelimit.hessian import HessianOperator, loss_epsilon, rademacher, slq
+from prunelimit.epsilon import loss_epsilon
+from prunelimit.estimators import rademacher, slq
+from prunelimit.geometry import ThresholdConvergence
+from prunelimit.hessian import HessianOperator, hessian_operator
 from prunelimit.lanczos import lanczos
 from prunelimit.params import prunable_parameters
+from prunelimit.prediction import predict_threshold
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -234,9 +237,9 @@ def accuracy_case(title, model, x, y, seeds):
           f"{np.mean(np.abs(w) < 1e-3):.1%} of |w| < 1e-3")
     print(f"exact p* = {exact.predicted_ratio:.4f} (kept {exact.kept_fraction:.4f}); "
           f"eps/2 -> {exact.sensitivity['eps*0.5']:.4f}, 2eps -> {exact.sensitivity['eps*2']:.4f}")
-    op = HessianOperator(model, LOSS, data)
+    op = hessian_operator(model, LOSS, data)
     longest = min(300, len(w))
-    runs = [slq(op, None, None, num_steps=longest, num_probes=8, seed=s) for s in range(seeds)]
+    runs = [slq(op, num_steps=longest, num_probes=8, seed=s) for s in range(seeds)]
     print(f"{'m':>5} {'probes':>6} {'HVPs':>6} {'W1/range mean':>14} {'max':>8} {'p* err mean':>12} {'max':>8}"
           f"   (signed p* err per seed)")
     for m, probes in [(50, 1), (50, 8), (100, 4), (200, 4), (300, 4), (300, 8)]:
@@ -252,7 +255,7 @@ def accuracy_case(title, model, x, y, seeds):
     steps_used, errs = [], []
     for s in range(seeds):
         rule = ThresholdConvergence(w, eps, tol=0.005, min_steps=50, growth=2.0)
-        est = slq(op, None, None, num_steps=400, num_probes=4, seed=s, stop_when=rule)
+        est = slq(op, num_steps=400, num_probes=4, seed=s, stop_when=rule)
         steps_used.append(max(est.steps))
         errs.append(predict_threshold(w, eps, est).predicted_ratio - exact.predicted_ratio)
     print(f"adaptive m (ThresholdConvergence: 50, 100, 200, 400 until p* moves < 0.005; 4 probes): "

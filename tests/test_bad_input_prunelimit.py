@@ -213,3 +213,9 @@ def test_out_through_a_symlink_keeps_the_link(tmp_path, capsys, target_exists):
     assert (real / "train.json").is_file() and (real / "config.yaml").is_file()
     _train(link, capsys)  # resumes through the link
     assert link.is_symlink()
+
+
+def test_device_auto_is_accepted_and_stored_as_auto(tmp_path, capsys, no_cuda):
+    out = tmp_path / "run"
+    _train(out, capsys, "--device", "auto")  # no GPU here: auto resolves to the CPU
+    assert "device: auto" in (out / "config.yaml").read_text()  # resolved per machine, not frozen into the run

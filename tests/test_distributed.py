@@ -7,7 +7,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from prunelimit.distributed import all_reduce_sum, is_distributed, shard, world
-from prunelimit.hessian import HessianOperator, hessian_rows_null_mass, hutchinson_trace, loss_epsilon, slq
+from prunelimit.epsilon import loss_epsilon
+from prunelimit.estimators import hessian_rows_null_mass, hutchinson_trace, slq
+from prunelimit.hessian import HessianOperator
 
 LOSS = nn.CrossEntropyLoss()
 WORLD = 2
@@ -28,16 +30,16 @@ def _problem():
 
 def _statistics(model, data, v):
     op = HessianOperator(model, LOSS, data)
-    spectrum = slq(op, None, None, num_steps=30, num_probes=2, seed=3)
+    spectrum = slq(op, num_steps=30, num_probes=2, seed=3)
     return {
         "hv": (op @ v).numpy(),
         "grad": op.gradient().numpy(),
         "loss": np.array(op.loss()),
-        "trace": hutchinson_trace(op, None, None, 4, seed=2).samples,
+        "trace": hutchinson_trace(op, 4, seed=2).samples,
         "eps": np.array(loss_epsilon(model, LOSS, data)),
         "nodes": spectrum.nodes,
         "weights": spectrum.weights,
-        "p0_norms": hessian_rows_null_mass(op, None, None, quantiles=[0.1, 0.5, 0.9]).row_l1_norms,
+        "p0_norms": hessian_rows_null_mass(op, quantiles=[0.1, 0.5, 0.9]).row_l1_norms,
     }
 
 

@@ -12,13 +12,13 @@ from prunelimit.geometry import (
     lomp_regime,
     lomp_regime_fraction,
     num_removed,
-    predict_threshold,
     radius_curve,
     solve_threshold,
     threshold_sensitivity,
     trace_bound,
 )
 from prunelimit.lanczos import lanczos, tridiag_ritz
+from prunelimit.prediction import predict_limit, predict_threshold
 
 
 
@@ -202,6 +202,20 @@ def test_lomp_regime():
     assert not out.in_regime and "outside the LOMP regime" in out.message
     pred = predict_threshold(weak, 0.01, np.full(1000, 1.0))
     assert pred.near_zero_fraction == pytest.approx(0.05)
+
+
+def test_predict_limit_carries_the_one_regime_check():
+    w = np.concatenate([np.full(300, 1e-5), np.full(700, 0.3)])  # 30% near zero; p* = 0.39 with this spectrum
+    lam = np.linspace(1e-4, 0.01, 1000)
+    for share in (0.5, 0.9):
+        pred = predict_limit(w, 0.01, lam, regime_tol=1e-3, regime_min_share=share)
+        regime = lomp_regime(w, pred.predicted_ratio, 1e-3, share)
+        assert (pred.near_zero_fraction, pred.in_lomp_regime, pred.lomp_message) == (
+            regime.near_zero_fraction, regime.in_regime, regime.message)
+    assert predict_limit(w, 0.01, lam, regime_min_share=0.5).in_lomp_regime
+    assert not predict_limit(w, 0.01, lam, regime_min_share=0.9).in_lomp_regime
+    # predict_threshold is predict_limit under its stable-API name
+    assert predict_threshold(w, 0.01, lam, 0.1, 30.0).to_dict() == predict_limit(w, 0.01, lam, p0=0.1, trace=30.0).to_dict()
 
 
 def test_prediction_round_trips_through_dict():

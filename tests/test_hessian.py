@@ -12,19 +12,19 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from prunelimit.epsilon import loss_epsilon
 from prunelimit.errors import PruneLimitError
-from prunelimit.geometry import predict_threshold
-from prunelimit.hessian import (
-    HessianOperator,
+from prunelimit.estimators import (
     SpectrumEstimate,
     hessian_rows,
     hessian_rows_null_mass,
     hutchinson_trace,
-    loss_epsilon,
     quantile_indices,
     rademacher,
     slq,
 )
+from prunelimit.hessian import HessianOperator, hessian_operator
+from prunelimit.prediction import predict_threshold
 from prunelimit.params import prunable_parameters
 
 LOSS = nn.CrossEntropyLoss()
@@ -102,7 +102,7 @@ _SLQ_CACHE = {}
 def _long_slq(case):
     """One long SLQ run per model (300 steps, 4 probes); shorter runs are its truncations."""
     if case["kind"] not in _SLQ_CACHE:
-        _SLQ_CACHE[case["kind"]] = slq(case["model"], LOSS, case["data"], num_steps=300, num_probes=4, seed=1)
+        _SLQ_CACHE[case["kind"]] = slq(hessian_operator(case["model"], LOSS, case["data"]), num_steps=300, num_probes=4, seed=1)
     return _SLQ_CACHE[case["kind"]]
 
 
@@ -150,7 +150,7 @@ def test_hessian_rows_equal_dense_rows(case):
     op = HessianOperator(case["model"], LOSS, case["data"])
     idx = [0, 5, op.dim // 2, op.dim - 1]
     np.testing.assert_allclose(hessian_rows(op, idx), case["H"].numpy()[idx], atol=1e-10)
-    rows = hessian_rows(case["model"], [3], LOSS, case["data"])
+    rows = hessian_rows(hessian_operator(case["model"], LOSS, case["data"]), [3])
     np.testing.assert_allclose(rows[0], case["H"].numpy()[3], atol=1e-10)
 
 
@@ -182,7 +182,7 @@ def test_predicted_threshold_exact_vs_slq(case):
 
 def test_hutchinson_trace_within_three_standard_errors(case):
     exact = float(np.trace(case["H"].numpy()))
-    est = hutchinson_trace(case["model"], LOSS, case["data"], num_samples=30, seed=0)
+    est = hutchinson_trace(hessian_operator(case["model"], LOSS, case["data"]), num_samples=30, seed=0)
     assert est.samples.shape == (30,)
     assert est.stderr == pytest.approx(est.samples.std(ddof=1) / math.sqrt(30))
     assert abs(est.mean - exact) < 3 * est.stderr
@@ -192,7 +192,7 @@ def test_hutchinson_trace_within_three_standard_errors(case):
 def test_non_positive_definite_hessian_is_handled(tanh_case):
     eig = tanh_case["eig"]
     assert eig.min() < -1e-3 * eig.max()  # genuinely indefinite
-    est = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=150, num_probes=2, seed=0)
+    est = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=150, num_probes=2, seed=0)
     assert est.nodes.min() == pytest.approx(eig.min(), rel=1e-6)
     # Per probe, the Gauss quadrature of the negative part and of |lambda| (what G uses) matches
     # v^T f(H) v computed from the dense eigendecomposition, with the probes slq drew from its seed.
@@ -214,7 +214,7 @@ def test_null_mass_counts_rows_of_dead_inputs():
     data = [(x[:32], y[:32]), (x[32:], y[32:])]
     params = prunable_parameters(model)
     H = dense_hessian(model, LOSS, data, params)[0].numpy()
-    res = hessian_rows_null_mass(model, LOSS, data)
+    res = hessian_rows_null_mass(hessian_operator(model, LOSS, data))
     w = torch.cat([p.detach().reshape(-1) for p in params]).numpy()
     idx = quantile_indices(w, np.arange(1, 100) / 100)
     np.testing.assert_array_equal(res.indices, idx)
@@ -262,23 +262,23 @@ def test_float32_model_gets_float64_lanczos(tanh_case):
 
 
 def test_spectrum_round_trip_density_and_truncation(tanh_case):
-    est = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=40, num_probes=2, seed=5)
+    est = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=40, num_probes=2, seed=5)
     again = SpectrumEstimate.from_dict(est.to_dict())
     np.testing.assert_array_equal(again.nodes, est.nodes)
     np.testing.assert_array_equal(again.weights, est.weights)
     grid = np.linspace(-1, 1, 2001)
     dens = est.density(grid, 0.01)
     assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-3)
-    short = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=15, num_probes=2, seed=5)
+    short = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=15, num_probes=2, seed=5)
     trunc = est.truncated(15)
     np.testing.assert_allclose(trunc.nodes, short.nodes, atol=1e-10)
     np.testing.assert_allclose(trunc.weights, short.weights, atol=1e-10)
 
 
 def test_same_seed_same_spectrum_different_seed_differs(tanh_case):
-    a = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=20, seed=7)
-    b = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=20, seed=7)
-    c = slq(tanh_case["model"], LOSS, tanh_case["data"], num_steps=20, seed=8)
+    a = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=20, seed=7)
+    b = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=20, seed=7)
+    c = slq(hessian_operator(tanh_case["model"], LOSS, tanh_case["data"]), num_steps=20, seed=8)
     np.testing.assert_array_equal(a.nodes, b.nodes)
     assert not np.allclose(a.weights, c.weights)
 
@@ -328,3 +328,10 @@ def test_bad_data_and_loss_are_clear_errors(tanh_case):
         op @ torch.ones(3, dtype=torch.float64)
     with pytest.raises(PruneLimitError, match="no Linear or Conv"):
         HessianOperator(nn.Sequential(nn.ReLU()), LOSS, tanh_case["data"])
+
+
+def test_estimators_take_an_operator_and_say_how_to_build_one(tanh_case):
+    calls = [(slq, ()), (hutchinson_trace, (3,)), (hessian_rows, ([0],)), (hessian_rows_null_mass, ())]
+    for estimator, args in calls:
+        with pytest.raises(PruneLimitError, match=r"takes a HessianOperator.*hessian_operator\(model, loss_fn, batches\)"):
+            estimator(tanh_case["model"], *args)

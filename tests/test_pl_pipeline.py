@@ -12,10 +12,11 @@ from torch import nn
 
 from prunelimit import create_model, load_dataset, predict_threshold
 from prunelimit.errors import PruneLimitError
-from prunelimit.hessian import SpectrumEstimate
+from prunelimit.estimators import SpectrumEstimate
 from prunelimit.io import load_state_dict
 from prunelimit import pipeline
-from prunelimit.pipeline import REPORT_KEYS, open_run, run_pipeline
+from prunelimit.pipeline import open_run, run_pipeline
+from prunelimit.summary import REPORT_KEYS
 
 
 
@@ -58,7 +59,7 @@ def test_report_has_required_keys_and_sane_values(finished):
     assert 0.0 <= report["predicted_threshold"] <= 1.0
     assert report["predicted_kept_fraction"] == pytest.approx(1 - report["predicted_threshold"])
     assert report["num_prunable"] == LENET300_DIGITS_D
-    assert report["p0_used"] is False and report["p0"] == 0.0  # FC net: p0 off by default (spec §3)
+    assert report["p0_used"] is False and report["p0"] == 0.0  # FC net: p0 off by default (docs/method/prunelimit.md §3.3)
     assert report["lanczos_steps"] == 30 and report["probes"] == 2 and report["hessian_samples"] == 300
     assert report["test_accuracy_dense"] > 0.5
     for name in ("spectrum.png", "gaussian_width.png", "accuracy_vs_ratio.png"):

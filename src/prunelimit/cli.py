@@ -4,66 +4,70 @@
     prunelimit spectrum --out runs/lenet300 --lanczos-steps 300     # redo one step with other options
     prunelimit list-models
 
+The run options are declared once, as the fields of :class:`prunelimit.config.RunConfig`; their
+flags, help texts and range types come from there (:func:`mmpl.config.add_config_flags`).
 Options given on the command line override a ``--config`` YAML, which overrides the run
 directory's stored config.yaml. Bad input ends with one line on stderr and exit status 2, before
-anything is computed or written: numbers are range-checked at parse time (the ranges of
-``prunelimit.config.BOUNDS``, which also check YAML values), the output directory, the device,
-the data and the model are checked before the first step runs.
+anything is computed or written: numbers are range-checked at parse time (the same ranges check
+YAML values), the output directory, the device, the data and the model are checked before the
+first step runs.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from typing import Any, Sequence
 
-from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, positive_int, ranged
+from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, positive_int
+from mmpl.config import add_config_flags, given_flags
+from mmpl.device import resolve_device
 
-from .config import BOUNDS, FLAG_OPTIONS
+from .config import RunConfig, help_defaults, read_options_file
 from .errors import PruneLimitError
 
 STEP_COMMANDS = ("train", "spectrum", "predict", "prune", "report")
-
-
-def _lanczos_steps(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2 steps, got {value}")
-    return value
-
-
-def _bounded(key: str):
-    """The argparse type of option ``key``: its kind and range from :data:`prunelimit.config.BOUNDS`."""
-    b = BOUNDS[key]
-    if b.kind is int and b.high is not None:  # (seed) print the integer bound in full, not as 4.29e+09
-        low = ranged(int, b.low, low_open=b.low_open)
-
-        def parse(text: str) -> int:
-            value = low(text)
-            if value > b.high:
-                raise argparse.ArgumentTypeError(f"must be <= {b.high}, got {text}")
-            return value
-
-        return parse
-    return ranged(b.kind, b.low, b.high, low_open=b.low_open, high_open=b.high_open)
+# name: (one-line help in the command list, description on the command's own --help)
+COMMANDS = {
+    "run": ("the whole pipeline: train, spectrum, predict, prune, report",
+            "Run the whole pipeline on the run directory --out: l1-regularized training, epsilon and the SLQ Hessian "
+            "spectrum, the predicted threshold p*, the actual threshold by one-shot pruning, and the report with its "
+            "plots. Finished steps are skipped; a changed option redoes exactly the steps that depend on it."),
+    "train": ("l1-regularized training; writes model.safetensors, model.json, train.json",
+              "Train the model on loss + lam * ||w||_1 (SGD with momentum) from a seeded initialisation and measure its "
+              "dense test accuracy; writes model.safetensors, model.json and train.json."),
+    "spectrum": ("epsilon, SLQ spectrum, Hutchinson trace, p0; writes spectrum.json",
+                 "From the trained model: epsilon (spread of the per-batch training loss), the SLQ spectrum of the "
+                 "training-loss Hessian (with --lanczos-steps auto, m grows until p* settles), the Hutchinson trace and "
+                 "the null mass p0; writes spectrum.json."),
+    "predict": ("predicted threshold p*; writes prediction.json",
+                "The predicted threshold p*, the root of G(R(p)) = p, with p* at eps/2 and 2 eps, the trace bound and "
+                "the LOMP-regime check; writes prediction.json."),
+    "prune": ("actual threshold by one-shot pruning on the test set; writes actual.json",
+              "The actual threshold: one-shot global magnitude pruning, evaluated on the test set up to the first ratio "
+              "whose accuracy falls below dense - tolerance; writes actual.json."),
+    "report": ("report.json and the PNG plots",
+               "report.json and the plots (spectrum, G(R) against R(p), accuracy against the pruning ratio), from the "
+               "other result files alone."),
+    "list-models": ("the model zoo",
+                    "The model zoo: name, family, default l1 lambda, whether p0 is on by default, and a description."),
+    "list-datasets": ("the dataset names understood by --dataset",
+                      "The built-in dataset names --dataset understands (any package.module:factory works too)."),
+}
+# --help layout: RunConfig's flags by topic; the fields not named here are listed under "run".
+FLAG_GROUPS = {
+    "training (l1-regularized)": ("lam", "epochs", "lr", "batch_size", "weight_decay", "schedule", "augment"),
+    "curvature and prediction": ("lanczos_steps", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples",
+                                 "hessian_batch_size", "eps_batch_size", "p0"),
+    "pruning": ("tolerance", "prune_ratio", "save_pruned"),
+}
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
-    """Options shared by `run` and the step commands (all default to "not given")."""
-    what = "required for a new run directory" if new_run else "only to check it matches the run directory"
+    """Options shared by `run` and the step commands (the RunConfig ones all default to "not given")."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="run directory: every step reads and writes its files here")
-    g.add_argument("--model", help=f"zoo model (see `prunelimit list-models`) or package.module:factory; {what}")
-    g.add_argument("--dataset", help=f"digits, mnist5k, mnist, cifar10, cifar100 or package.module:factory; {what}")
-    g.add_argument("--data-root", metavar="PATH", help="folder with local datasets in torchvision's layout (never downloaded); "
-                   "the CIFAR files are Python pickles, which can run code: use only files from the official archive")
     g.add_argument("--config", metavar="YAML", help="YAML file of options (field names of prunelimit.config.RunConfig); flags win over it")
-    g.add_argument("--seed", type=_bounded("seed"), help="seed of the split, initialisation, shuffling and probes (default 0)")
-    g.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     g.add_argument("--force", action="store_true", help="redo the step(s) even if their results exist (same model and dataset)")
     if new_run:
         g.add_argument("--overwrite", action="store_true",
@@ -72,40 +76,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--threads", type=positive_int, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy small machine)")
-
-    t = parser.add_argument_group("training (l1-regularized)")
-    t.add_argument("--lam", type=_bounded("lam"), help="l1 strength lambda (default: 2e-3 on digits, 1e-3 on mnist5k, the paper's per-model value otherwise)")
-    t.add_argument("--epochs", type=_bounded("epochs"), help="training epochs (default: 30 digits, 20 mnist5k, 160 otherwise)")
-    t.add_argument("--lr", type=_bounded("lr"), help="SGD learning rate (default 0.05)")
-    t.add_argument("--batch-size", type=_bounded("batch_size"), help="training batch size (default 128)")
-    t.add_argument("--weight-decay", type=_bounded("weight_decay"), help="l2 weight decay on all parameters (default 0)")
-    t.add_argument("--schedule", choices=("cosine", "step", "constant"), help="learning-rate schedule, stepped per epoch (default cosine)")
-    t.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                   help="no random crop/flip for CIFAR training (never used for the Hessian anyway)")
-
-    c = parser.add_argument_group("curvature and prediction")
-    c.add_argument("--lanczos-steps", type=_lanczos_steps, metavar="M|auto",
-                   help="Lanczos steps per probe; auto (default) grows m = 50, 100, 200, ... until p* moves < 0.005")
-    c.add_argument("--lanczos-max-steps", type=_bounded("lanczos_max_steps"), help="cap on m in auto mode (default 800)")
-    c.add_argument("--probes", type=_bounded("probes"), help="Rademacher probes for SLQ (default 2)")
-    c.add_argument("--trace-samples", type=_bounded("trace_samples"), help="Hutchinson samples for Tr(H) (default 20)")
-    c.add_argument("--hessian-samples", type=_bounded("hessian_samples"), metavar="N",
-                   help="use a fixed seeded subset of N training samples for Hessian products (default: all; "
-                   "epsilon always uses the whole training set, forward passes only)")
-    c.add_argument("--hessian-batch-size", type=_bounded("hessian_batch_size"), help="batch size of Hessian passes; memory only, not the result (default 512)")
-    c.add_argument("--eps-batch-size", type=_bounded("eps_batch_size"), help="batch size whose per-batch loss spread is epsilon (default 128, as the paper)")
-    c.add_argument("--p0", choices=("auto", "on", "off"),
-                   help="null-mass correction from Hessian rows: auto = on for conv nets, off for FC nets")
-
-    p = parser.add_argument_group("pruning")
-    p.add_argument("--tolerance", type=_bounded("tolerance"),
-                   help="accuracy drop (fraction, e.g. 0.01 = 1 point) allowed before the actual threshold (default 0)")
-    p.add_argument("--prune-ratio", type=_bounded("prune_ratio"), metavar="P", help="also evaluate (and with --save-pruned save) the model pruned at ratio P in [0, 1) instead of at p*")
-    p.add_argument("--save-pruned", action="store_const", const=True,
-                   help="save the pruned model (masks made permanent) as model_pruned.safetensors")
-
-
-CONFIG_FLAGS = FLAG_OPTIONS  # the options a flag sets (dest names = RunConfig fields)
+    named = "none; required for a new run directory" if new_run else "the run directory's; given, it is only checked against it"
+    shown = {**help_defaults(), "model": named, "dataset": named}
+    grouped = tuple(name for names in FLAG_GROUPS.values() for name in names)
+    add_config_flags(g, RunConfig, exclude=grouped, defaults=shown)
+    for title, names in FLAG_GROUPS.items():
+        others = tuple(f.name for f in fields(RunConfig) if f.name not in names)
+        add_config_flags(parser.add_argument_group(title), RunConfig, exclude=others, defaults=shown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,42 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    run = sub.add_parser("run", help="the whole pipeline: train, spectrum, predict, prune, report")
-    _add_run_options(run, new_run=True)
-    helps = {
-        "train": "l1-regularized training; writes model.safetensors, model.json, train.json",
-        "spectrum": "epsilon, SLQ spectrum, Hutchinson trace, p0; writes spectrum.json",
-        "predict": "predicted threshold p*; writes prediction.json",
-        "prune": "actual threshold by one-shot pruning on the test set; writes actual.json",
-        "report": "report.json and the PNG plots",
-    }
-    for name in STEP_COMMANDS:
-        _add_run_options(sub.add_parser(name, help=helps[name]), new_run=name == "train")
-    sub.add_parser("list-models", help="the model zoo")
-    sub.add_parser("list-datasets", help="the dataset names understood by --dataset")
+    for name, (short, long) in COMMANDS.items():
+        command = sub.add_parser(name, help=short, description=long)
+        if name == "run" or name in STEP_COMMANDS:
+            _add_run_options(command, new_run=name in ("run", "train"))
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Options from --config (checked with the command line's ranges, naming file and key), then flags on top."""
-    from .config import RunConfig, load_yaml_mapping
-    from .preflight import check_device
-
     values: dict[str, Any] = {}
     if args.config:
-        values = load_yaml_mapping(args.config)
+        values = read_options_file(args.config)
         source = f"--config {args.config}"
         given = {k: v for k, v in values.items() if v is not None}
         probe = RunConfig.from_dict({"model": "-", "dataset": "-", **given}, source)  # unknown keys, types
         probe.validate(source, keys=given)
         if "device" in given and args.device is None:
-            check_device(probe.device, f"{source}: option device")
-    for name in CONFIG_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            values[name] = value
+            resolve_device(probe.device, f"{source}: option device", error=PruneLimitError)
+    values.update(given_flags(args, RunConfig))
     if args.device is not None:
-        check_device(args.device, "--device")
+        resolve_device(args.device, "--device", error=PruneLimitError)
     return values
 
 
@@ -175,10 +137,9 @@ def _cmd_list_datasets() -> int:
 
 def _print_step(command: str, run_dir) -> None:
     """One line on stdout with the step's headline number."""
-    from .pipeline import RunDirectory
+    from .rundir import RunDirectory
 
-    result = RunDirectory(run_dir).read_result({"train": "train", "spectrum": "spectrum", "predict": "predict",
-                                                "prune": "prune", "report": "report"}[command])
+    result = RunDirectory(run_dir).read_result(command)
     if result is None:
         return
     if command == "train":
@@ -226,8 +187,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if not args.out.strip():
         raise PruneLimitError("--out is empty; give the path of the run directory")
     check_output_dir(args.out, "--out")  # before anything is read, computed or written
-    from .pipeline import STEPS, maybe_init_distributed, run_pipeline
-    from .report import summary_lines
+    from .pipeline import maybe_init_distributed, run_pipeline
+    from .rundir import STEPS
+    from .summary import summary_lines
 
     from . import distributed
 

@@ -1,21 +1,34 @@
-"""Run configuration: one typed dataclass, loadable from YAML, saved in every run directory."""
+"""Run configuration: one typed dataclass, loadable from YAML, saved in every run directory.
+
+Every option is declared once, as a :class:`RunConfig` field made with :func:`mmpl.config.option`:
+its help text, its argparse type (the numeric range, see :func:`bounded`), choices and metavar.
+The command line derives its flags from these fields (:func:`mmpl.config.add_config_flags`;
+``cli=False`` fields are YAML-only), and :meth:`RunConfig.validate` checks YAML values and
+stored config.yaml files against the same ranges.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import yaml
+from mmpl.cliargs import ranged
+from mmpl.config import flag_fields, flag_name, option, read_yaml_mapping
+from mmpl.device import DEVICE_HELP
 
 from .errors import PruneLimitError
+from .regularize import SCHEDULES
 
 P0_MODES = ("auto", "on", "off")
 
-# Built-in datasets train for a few epochs only; spec §6 found the prediction reliable there
-# only with strong l1 (lam >= 2e-4: within ~0.05; >= 1e-3: within ~0.01), at some cost in
-# dense accuracy. These defaults sit inside that regime. Measured with lenet300 (seed 0):
+# Built-in datasets train for a few epochs only; docs/method/prunelimit.md §6 found the prediction
+# reliable there only with strong l1 (lam >= 2e-4: within ~0.05; >= 1e-3: within ~0.01), at some
+# cost in dense accuracy. These defaults sit inside that regime. Measured with lenet300 (seed 0):
 # digits lam 2e-3, 30 epochs: dense 0.972, p* 0.967, actual 0.971 (lam 5e-4: dense 0.978,
 # p* 0.839, actual 0.714); mnist5k lam 1e-3, 20 epochs: dense 0.916, p* 0.994, actual 0.966
 # (0.991 with a 1-point tolerance). Deeper nets need less: fc5 on digits collapses to chance at 2e-3.
@@ -57,108 +70,90 @@ class Bound(NamedTuple):
         return noun
 
 
-# Every numeric option and its range; the command line (parse time) and validate() (YAML, stored
-# config.yaml, Python callers) both use this table.
-BOUNDS: dict[str, Bound] = {
-    "seed": Bound(int, 0, MAX_SEED),
-    "lam": Bound(float, 0),
-    "epochs": Bound(int, 1),
-    "lr": Bound(float, 0, low_open=True),
-    "momentum": Bound(float, 0, 1, high_open=True),
-    "weight_decay": Bound(float, 0),
-    "batch_size": Bound(int, 1),
-    "lanczos_max_steps": Bound(int, 2),
-    "lanczos_growth": Bound(float, 1, low_open=True),
-    "lanczos_tol": Bound(float, 0, low_open=True),
-    "probes": Bound(int, 1),
-    "trace_samples": Bound(int, 1),
-    "hessian_samples": Bound(int, 1),
-    "hessian_batch_size": Bound(int, 1),
-    "eps_batch_size": Bound(int, 1),
-    "p0_threshold": Bound(float, 0),
-    "regime_tol": Bound(float, 0, low_open=True),
-    "regime_min_share": Bound(float, 0, 1),
-    "tolerance": Bound(float, 0, 1, high_open=True),
-    "prune_ratio": Bound(float, 0, 1, high_open=True),
-}
-# Fields where None means "the default for this model/dataset" (or "not used").
-OPTIONAL_FIELDS = {"data_root", "lam", "epochs", "hessian_samples", "prune_ratio"}
-# Fields that have a command-line flag (--data-root for data_root, ...); the others are YAML-only.
-FLAG_OPTIONS = (
-    "model", "dataset", "data_root", "seed", "device", "lam", "epochs", "lr", "batch_size", "weight_decay", "schedule",
-    "augment", "lanczos_steps", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples", "hessian_batch_size",
-    "eps_batch_size", "p0", "tolerance", "prune_ratio", "save_pruned",
-)
+def bounded(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], int | float]:
+    """The argparse type of a numeric option (checked at parse time); ``.bound`` is its :class:`Bound`,
+    which :meth:`RunConfig.validate` applies to values from YAML files and Python callers."""
+    check = ranged(kind, low, None if kind is int else high, low_open=low_open, high_open=high_open)
+
+    def parse(text: str):
+        value = check(text)
+        if kind is int and high is not None and value > high:  # the integer in full (seed: not 4.29e+09)
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
+        return value
+
+    parse.__name__ = check.__name__
+    parse.bound = Bound(kind, low, high, low_open, high_open)  # type: ignore[attr-defined]
+    return parse
 
 
-def option_label(key: str) -> str:
-    """How a message names an option given without a file: its flag, or "option KEY" for YAML-only ones."""
-    return "--" + key.replace("_", "-") if key in FLAG_OPTIONS else f"option {key}"
-
-
-def option_problem(key: str, value: Any) -> str | None:
-    """Why ``value`` is not allowed for option ``key`` ("must be ..., got ..."), or None when it is."""
-    from .regularize import SCHEDULES
-
-    if key in ("model", "dataset", "device"):
-        return None if isinstance(value, str) and value else "is required (a non-empty name)"
-    if value is None and key in OPTIONAL_FIELDS:
-        return None
-    bound = BOUNDS.get(key)
-    if bound is not None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bound.holds(value)
-        return None if ok else f"must be {bound.describe()}, got {value!r}"
-    if key == "lanczos_steps":
-        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2)
-        return None if ok else f"must be an integer >= 2 or 'auto', got {value!r}"
-    choices = {"p0": P0_MODES, "schedule": SCHEDULES}.get(key)
-    if choices is not None and value not in choices:
-        return f"must be one of {', '.join(choices)}, got {value!r}"
-    if key in ("augment", "save_pruned") and not isinstance(value, bool):
-        return f"must be true or false, got {value!r}"
-    return None
+def lanczos_steps_arg(text: str) -> int | str:
+    """The argparse type of --lanczos-steps: an integer >= 2 or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"need at least 2 steps, got {value}")
+    return value
 
 
 @dataclass
 class RunConfig:
     """Everything a `prunelimit run` depends on. ``None`` means "the default for this model/dataset"."""
 
-    model: str
-    dataset: str
-    data_root: str | None = None
-    seed: int = 0
-    device: str = "cpu"
+    model: str = option(help="zoo model (see `prunelimit list-models`) or package.module:factory")
+    dataset: str = option(help="digits, mnist5k, mnist, cifar10, cifar100 or package.module:factory")
+    data_root: str | None = option(
+        None, metavar="PATH", help="folder with local datasets in torchvision's layout (never downloaded); the CIFAR "
+        "files are Python pickles, which can run code: use only files from the official archive")
+    seed: int = option(0, type=bounded(int, 0, MAX_SEED), help="seed of the split, initialisation, shuffling and probes")
+    device: str = option("cpu", help=DEVICE_HELP)
     # training (LOMP step 1)
-    lam: float | None = None
-    epochs: int | None = None
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    schedule: str = "cosine"
-    augment: bool = True
-    # curvature
-    # "auto": grow each probe's Lanczos run, checking p* at m = 50, 100, 200, ... (x lanczos_growth)
-    # until it moves less than `lanczos_tol` (spec §6) or `lanczos_max_steps` is reached.
-    lanczos_steps: int | str = "auto"
-    lanczos_max_steps: int = 800
-    lanczos_growth: float = 2.0
-    lanczos_tol: float = 0.005
-    probes: int = 2
-    trace_samples: int = 20
-    hessian_samples: int | None = None
-    hessian_batch_size: int = 512
-    eps_batch_size: int = 128
-    p0: str = "auto"
-    p0_threshold: float = 1e-7
+    lam: float | None = option(None, type=bounded(float, 0), help="l1 strength lambda")
+    epochs: int | None = option(None, type=bounded(int, 1), help="training epochs")
+    lr: float = option(0.05, type=bounded(float, 0, low_open=True), help="SGD learning rate")
+    momentum: float = option(0.9, type=bounded(float, 0, 1, high_open=True), cli=False, help="SGD momentum")
+    weight_decay: float = option(0.0, type=bounded(float, 0), help="l2 weight decay on all parameters")
+    batch_size: int = option(128, type=bounded(int, 1), help="training batch size")
+    schedule: str = option("cosine", choices=SCHEDULES, metavar="{" + ",".join(SCHEDULES) + "}",
+                           help="learning-rate schedule, stepped per epoch")
+    augment: bool = option(True, help="random crop/flip for CIFAR training (never used for the Hessian anyway)")
+    # curvature: "auto" grows each probe's Lanczos run, checking p* at m = 50, 100, 200, ...
+    # (x lanczos_growth) until it moves less than `lanczos_tol` (docs/method/prunelimit.md §3.2)
+    # or `lanczos_max_steps` is reached.
+    lanczos_steps: int | str = option(
+        "auto", type=lanczos_steps_arg, metavar="M|auto",
+        help="Lanczos steps per probe; auto grows m = 50, 100, 200, ... until p* moves < 0.005")
+    lanczos_max_steps: int = option(800, type=bounded(int, 2), help="cap on m in auto mode")
+    lanczos_growth: float = option(2.0, type=bounded(float, 1, low_open=True), cli=False,
+                                   help="auto mode: factor between the step counts at which p* is checked")
+    lanczos_tol: float = option(0.005, type=bounded(float, 0, low_open=True), cli=False,
+                                help="auto mode: p* has settled when it moves less than this")
+    probes: int = option(2, type=bounded(int, 1), help="Rademacher probes for SLQ")
+    trace_samples: int = option(20, type=bounded(int, 1), help="Hutchinson samples for Tr(H)")
+    hessian_samples: int | None = option(
+        None, type=bounded(int, 1), metavar="N", help="use a fixed seeded subset of N training samples for Hessian "
+        "products (epsilon always uses the whole training set, forward passes only)")
+    hessian_batch_size: int = option(512, type=bounded(int, 1), help="batch size of Hessian passes; memory only, not the result")
+    eps_batch_size: int = option(128, type=bounded(int, 1), help="batch size whose per-batch loss spread is epsilon; the paper uses 128")
+    p0: str = option("auto", choices=P0_MODES, metavar="{" + ",".join(P0_MODES) + "}",
+                     help="null-mass correction from Hessian rows: auto = on for conv nets, off for FC nets")
+    p0_threshold: float = option(1e-7, type=bounded(float, 0), cli=False, help="a Hessian row whose L1 norm is below this is null")
     # LOMP regime: the share of prunable weights with |w| < regime_tol must reach
     # regime_min_share * p*, else the report warns that the prediction is likely too high.
-    regime_tol: float = 1e-3
-    regime_min_share: float = 0.5
+    regime_tol: float = option(1e-3, type=bounded(float, 0, low_open=True), cli=False, help="|w| below this is near zero")
+    regime_min_share: float = option(0.5, type=bounded(float, 0, 1), cli=False,
+                                     help="the near-zero share needed for the LOMP regime, as a fraction of p*")
     # actual threshold
-    tolerance: float = 0.0
-    save_pruned: bool = False
-    prune_ratio: float | None = None
+    tolerance: float = option(0.0, type=bounded(float, 0, 1, high_open=True),
+                              help="accuracy drop (fraction, e.g. 0.01 = 1 point) allowed before the actual threshold")
+    save_pruned: bool = option(False, help="save the pruned model (masks made permanent) as model_pruned.safetensors")
+    prune_ratio: float | None = option(
+        None, type=bounded(float, 0, 1, high_open=True), metavar="P",
+        help="also evaluate (and with --save-pruned save) the model pruned at ratio P in [0, 1) instead of at p*")
 
     # ------------------------------------------------------------------ checks and defaults
     def validate(self, source: str | None = None, keys: Iterable[str] | None = None) -> "RunConfig":
@@ -166,8 +161,8 @@ class RunConfig:
 
         ``source`` names where the values came from (a YAML file: "FILE: option KEY ..."); without
         it the message names the command-line flag ("--epochs ..."). ``keys`` limits the check to
-        those fields (the ones a file actually set). The ranges are :data:`BOUNDS`, the same ones
-        the command line enforces at parse time.
+        those fields (the ones a file actually set). The ranges are the fields' :func:`bounded`
+        types, the same ones the command line enforces at parse time.
         """
         wanted = None if keys is None else set(keys)
         for f in fields(self):
@@ -193,9 +188,8 @@ class RunConfig:
         return out.validate()
 
     def use_p0(self, model=None) -> bool:
-        """Whether the null-mass correction is applied: ``auto`` = on for conv nets, off for FC nets (spec §3).
-
-        For a user model (import path) ``auto`` looks for Conv layers in ``model``.
+        """Whether the null-mass correction is applied: ``auto`` = on for conv nets, off for FC nets
+        (docs/method/prunelimit.md §3.3). For a user model (import path) ``auto`` looks for Conv layers in ``model``.
         """
         if self.p0 != "auto":
             return self.p0 == "on"
@@ -224,15 +218,56 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(load_yaml_mapping(path, "config"), str(path))
+        return cls.from_dict(read_options_file(path, "config"), str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_FLOAT_OPTIONS = {k for k, b in BOUNDS.items() if b.kind is float}
-_INT_OPTIONS = {k for k, b in BOUNDS.items() if b.kind is int}
-_BOOL_OPTIONS = {"augment", "save_pruned"}
+_FIELDS = {f.name: f for f in fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+_FLAGS = {f.name: flag_name(f) for f in flag_fields(RunConfig)}
+
+
+def help_defaults() -> dict[str, str]:
+    """How --help shows the defaults that depend on the model or dataset (fields whose default is None)."""
+    small = SMALL_DATASET_DEFAULTS.items()
+    return {
+        "lam": ", ".join(f"{v['lam']:g} on {k}" for k, v in small) + ", the paper's per-model value otherwise",
+        "epochs": ", ".join(f"{v['epochs']} on {k}" for k, v in small) + f", {LONG_SCHEDULE_EPOCHS} otherwise",
+        "hessian_samples": "all",
+    }
+
+
+def bound_of(key: str) -> Bound | None:
+    """The range of numeric option ``key`` (from its :func:`bounded` type), or None."""
+    return getattr(_FIELDS[key].metadata.get("type"), "bound", None)
+
+
+def option_label(key: str) -> str:
+    """How a message names an option given without a file: its flag, or "option KEY" for YAML-only ones."""
+    return _FLAGS.get(key, f"option {key}")
+
+
+def option_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` is not allowed for option ``key`` ("must be ..., got ..."), or None when it is."""
+    if key in ("model", "dataset", "device"):
+        return None if isinstance(value, str) and value else "is required (a non-empty name)"
+    if value is None and type(None) in typing.get_args(_HINTS[key]):  # None: the default for this model/dataset
+        return None
+    bound = bound_of(key)
+    if bound is not None:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bound.holds(value)
+        return None if ok else f"must be {bound.describe()}, got {value!r}"
+    if key == "lanczos_steps":
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2)
+        return None if ok else f"must be an integer >= 2 or 'auto', got {value!r}"
+    choices = _FIELDS[key].metadata.get("choices")
+    if choices is not None and value not in choices:
+        return f"must be one of {', '.join(choices)}, got {value!r}"
+    if _HINTS[key] is bool and not isinstance(value, bool):
+        return f"must be true or false, got {value!r}"
+    return None
 
 
 def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -242,67 +277,58 @@ def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, An
     """
     if not isinstance(data, dict):
         raise PruneLimitError(f"{source}: expected a mapping of options, got {type(data).__name__}")
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(str(k) for k in set(data) - known)
+    unknown = sorted(str(k) for k in set(data) - set(_FIELDS))
     if unknown:
-        raise PruneLimitError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    out = {}
-    for key, value in data.items():
-        try:
-            if value is None:
-                pass
-            elif key in _FLOAT_OPTIONS:
-                if isinstance(value, bool):
-                    raise ValueError
-                value = float(value)
-            elif key in _INT_OPTIONS:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                value = int(value)
-            elif key in _BOOL_OPTIONS:
-                if not isinstance(value, bool):
-                    raise ValueError
-            elif key == "lanczos_steps":
-                if isinstance(value, str) and value != "auto":
-                    value = int(value)
-                elif isinstance(value, bool) or not isinstance(value, (int, str)):
-                    raise ValueError
-            elif isinstance(value, (list, dict, bool)):
-                raise ValueError
-            elif not isinstance(value, str):
-                value = str(value)
-        except (TypeError, ValueError):
-            kind = ("a number" if key in _FLOAT_OPTIONS else "an integer" if key in _INT_OPTIONS
-                    else "true or false" if key in _BOOL_OPTIONS else "an integer or 'auto'" if key == "lanczos_steps"
-                    else "a text value")
-            raise PruneLimitError(f"{source}: option {key} must be {kind}, got {value!r}") from None
-        out[key] = value
-    return out
+        raise PruneLimitError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
+    return {key: _coerce(key, value, source) for key, value in data.items()}
 
 
-def load_yaml_mapping(path: str | Path, option: str = "--config") -> dict[str, Any]:
-    """Read a YAML file holding one mapping (``{}`` for an empty file); errors name ``option`` and the file."""
-    path = Path(path)
-    if not path.exists():
-        raise PruneLimitError(f"{option} {path}: no such config file; give the path of a YAML file of options")
-    if not path.is_file():
-        raise PruneLimitError(f"{option} {path} is not a regular file; give the path of a YAML file of options")
+_KIND_TEXT = {float: "a number", int: "an integer", bool: "true or false", str: "a text value"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """``value`` as option ``key``'s type; strict: a bool is not a number, "5.0" is not an integer, "yes" not a bool."""
+    kinds = [a for a in typing.get_args(_HINTS[key]) if a is not type(None)] or [_HINTS[key]]
+    kind = kinds[0] if len(kinds) == 1 else tuple(kinds)  # lanczos_steps: (int, str), an integer or 'auto'
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise PruneLimitError(f"{option} {path}: not a UTF-8 text file; give a YAML file of options") from None
+        if value is None:
+            return None
+        if kind is float and not isinstance(value, bool):
+            return float(value)
+        if kind is int and not isinstance(value, bool) and not (isinstance(value, float) and not value.is_integer()):
+            return int(value)
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind == (int, str) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return value if value == "auto" or not isinstance(value, str) else int(value)
+        if kind is str and not isinstance(value, (list, dict, bool)):
+            return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        pass
+    what = _KIND_TEXT.get(kind, "an integer or 'auto'")
+    raise PruneLimitError(f"{source}: option {key} must be {what}, got {value!r}") from None
+
+
+def read_options_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
+    """The mapping of options in a YAML file (``{}`` when empty); errors name ``option`` and the file."""
     try:
-        data = yaml.safe_load(text)
+        return read_yaml_mapping(path, PruneLimitError)
+    except PruneLimitError as err:
+        where = _yaml_error_position(path) if "not valid YAML" in str(err) else ""
+        raise PruneLimitError(f"{option} {err}{where}") from None
+
+
+def _yaml_error_position(path: str | Path) -> str:
+    """" at line L, column C" of a YAML syntax error (mmpl.config's message names the problem, not the place)."""
+    try:
+        yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise PruneLimitError(f"{option} {path}: not valid YAML ({what}{where})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise PruneLimitError(f"{option} {path}: expected a mapping of options (key: value lines), got {type(data).__name__}")
-    return data
+        if mark is not None:
+            return f" at line {mark.line + 1}, column {mark.column + 1}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
 
 
 # Which options each step's result depends on: a finished step is redone when one changes.

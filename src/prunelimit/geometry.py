@@ -1,6 +1,8 @@
-"""The geometry of the pruning limit: R(p), G(R) and the predicted threshold.
+"""The geometry of the pruning limit: R(p), G(R), the root p* of G(R(p)) = p, and the LOMP regime.
 
-Pure functions of numpy arrays (a model is accepted only as a source of weights).
+Pure functions of numpy arrays (a model is accepted only as a source of weights). The whole
+prediction (p*, its sensitivity to eps, the trace bound, the regime check) is
+:func:`prunelimit.prediction.predict_limit`; docs/method/prunelimit.md §1 and §3 state the method.
 
 - Pruning ratio p = fraction of the D prunable weights removed; k = ceil((1-p) D) are kept,
   so floor(p D) (up to rounding guards) are removed: `num_removed`.
@@ -17,8 +19,8 @@ Pure functions of numpy arrays (a model is accepted only as a source of weights)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -34,8 +36,6 @@ __all__ = [
     "spectral_measure",
     "gaussian_width_ratio",
     "solve_threshold",
-    "predict_threshold",
-    "ThresholdPrediction",
     "threshold_sensitivity",
     "trace_bound",
     "lomp_regime_fraction",
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 
-def _as_weights(weights_or_model, params=None) -> np.ndarray:
+def as_weights(weights_or_model, params=None) -> np.ndarray:
     if isinstance(weights_or_model, np.ndarray):
         w = np.asarray(weights_or_model, dtype=np.float64).reshape(-1)
     else:
@@ -76,7 +76,7 @@ def num_removed(ratio, dim: int):
 
 def sorted_sq_cumsum(weights) -> np.ndarray:
     """c with c[r] = sum of squares of the r smallest |w_i| (c[0] = 0, length D + 1), float64."""
-    w = _as_weights(weights)
+    w = as_weights(weights)
     return np.concatenate([[0.0], np.cumsum(np.sort(w * w))])
 
 
@@ -145,14 +145,14 @@ def _to_numpy(x):
     return x
 
 
-def _check_eps(epsilon: float) -> float:
+def check_eps(epsilon: float) -> float:
     eps = float(epsilon)
     if not math.isfinite(eps) or eps <= 0:
         raise PruneLimitError(f"epsilon must be a positive finite number, got {epsilon}")
     return eps
 
 
-def _check_p0(p0: float) -> float:
+def check_p0(p0: float) -> float:
     p0 = float(p0)
     if not 0.0 <= p0 <= 1.0:
         raise PruneLimitError(f"p0 (null mass) must be in [0, 1], got {p0}")
@@ -166,8 +166,8 @@ def gaussian_width_ratio(R, spectrum, epsilon: float, p0: float = 0.0):
     G(R) = (1/D) sum_i 2 eps / (2 eps + |lambda_i| R^2). Vectorised over R (any shape);
     returns a float for scalar R.
     """
-    eps = _check_eps(epsilon)
-    p0 = _check_p0(p0)
+    eps = check_eps(epsilon)
+    p0 = check_p0(p0)
     nodes, weights, _ = spectral_measure(spectrum)
     R = np.asarray(R, dtype=np.float64)
     lam = np.abs(nodes).reshape(-1)
@@ -209,7 +209,7 @@ def solve_threshold(curve: RadiusCurve, spectrum, epsilon: float, p0: float = 0.
     return float(min(g_at(lo), (lo + 1) / D))
 
 
-def _trace_value(trace) -> float:
+def trace_value(trace) -> float:
     """A float, or the `.mean` of a TraceEstimate."""
     if hasattr(trace, "stderr") and hasattr(trace, "mean"):
         trace = trace.mean
@@ -226,7 +226,7 @@ def trace_bound(curve: RadiusCurve, trace: float, epsilon: float) -> float | Non
     is convex in |lambda|) it is a lower bound on p* when H is positive semi-definite. None when
     Tr(H) <= 0 (the form is undefined).
     """
-    tr = _trace_value(trace)
+    tr = trace_value(trace)
     if not math.isfinite(tr):
         raise PruneLimitError(f"trace must be finite, got {tr}")
     if tr <= 0:
@@ -243,7 +243,7 @@ def threshold_sensitivity(weights_or_curve, epsilon: float, spectrum, p0: float 
 
 @dataclass
 class LompRegime:
-    """Whether a prediction sits in the LOMP regime (spec §6): many weights already near zero."""
+    """Whether a prediction sits in the LOMP regime (docs/method/prunelimit.md §6): many weights already near zero."""
 
     near_zero_fraction: float
     tol: float
@@ -254,7 +254,7 @@ class LompRegime:
 
 def lomp_regime_fraction(weights, tol: float = 1e-3) -> float:
     """Fraction of prunable weights with |w_i| < tol."""
-    w = _as_weights(weights)
+    w = as_weights(weights)
     return float(np.mean(np.abs(w) < tol))
 
 
@@ -263,9 +263,10 @@ def lomp_regime(weights, predicted_ratio: float | None = None, tol: float = 1e-3
     """Is the prediction being made inside the LOMP regime?
 
     The second-order prediction was only seen to hold when l1 training had already driven most
-    of the weights that the prediction removes close to zero (spec §6: weak l1 overestimated the
-    threshold by 0.1-0.2). Criterion: near_zero_fraction >= min_share * p* (with p* given), else
-    near_zero_fraction >= min_share.
+    of the weights that the prediction removes close to zero (docs/method/prunelimit.md §6: weak l1
+    overestimated the threshold by 0.1-0.2). Criterion: near_zero_fraction >= min_share * p* (with
+    p* given), else near_zero_fraction >= min_share. The one regime check: the pipeline, mmil and
+    :func:`~prunelimit.prediction.predict_limit` all come here.
     """
     frac = lomp_regime_fraction(weights, tol)
     need = min_share * (predicted_ratio if predicted_ratio is not None else 1.0)
@@ -280,82 +281,14 @@ def lomp_regime(weights, predicted_ratio: float | None = None, tol: float = 1e-3
     return LompRegime(frac, float(tol), predicted_ratio, bool(ok), msg)
 
 
-@dataclass
-class ThresholdPrediction:
-    """The predicted pruning limit and the numbers behind it (ratios = removed fractions)."""
-
-    predicted_ratio: float  # p*: fraction of prunable weights that can be removed
-    kept_fraction: float  # 1 - p*
-    radius: float  # R(p*)
-    residual: float  # |G(R(p*)) - p*|
-    epsilon: float
-    p0: float
-    dim: int
-    trace: float | None = None
-    trace_bound: float | None = None  # root of p = 2eps / (2eps + R(p)^2 Tr/D)
-    sensitivity: dict[str, float] = field(default_factory=dict)  # p* at eps/2 and 2 eps
-    near_zero_fraction: float = 0.0
-    in_lomp_regime: bool = True
-    lomp_message: str = ""
-    p_grid: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    R_curve: np.ndarray = field(default_factory=lambda: np.zeros(0))  # R(p_grid)
-    G_curve: np.ndarray = field(default_factory=lambda: np.zeros(0))  # G(R(p_grid))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for key in ("p_grid", "R_curve", "G_curve"):
-            out[key] = np.asarray(out[key], dtype=np.float64).tolist()
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ThresholdPrediction":
-        d = dict(d)
-        for key in ("p_grid", "R_curve", "G_curve"):
-            d[key] = np.asarray(d.get(key, []), dtype=np.float64)
-        return cls(**d)
-
-
-def predict_threshold(weights_or_model, epsilon: float, spectrum, p0: float = 0.0, trace=None, params=None, *,
-                      num_grid: int = 201, lomp_tol: float = 1e-3,
-                      sensitivity_factors: Sequence[float] = (0.5, 2.0)) -> ThresholdPrediction:
-    """Predicted one-shot pruning limit p*: the root of G(R(p)) = p (see module docstring).
-
-    - weights_or_model: numpy vector, tensor(s) or a model (its prunable weights, or `params`).
-    - spectrum: SpectrumEstimate, (nodes, weights) pair, or 1-D exact eigenvalues.
-    - p0: null mass from Hessian rows (0 to ignore). trace: float or TraceEstimate for the
-      trace bound. Also returns p* at eps * sensitivity_factors, the LOMP-regime check and the
-      curves p_grid, R_curve = R(p_grid), G_curve = G(R_curve) for plotting.
-    """
-    w = _as_weights(weights_or_model, params)
-    eps = _check_eps(epsilon)
-    p0 = _check_p0(p0)
-    curve = radius_curve(w)
-    measure = spectral_measure(spectrum)[:2]
-    p_star = solve_threshold(curve, measure, eps, p0)
-    radius = float(curve(p_star))
-    residual = abs(gaussian_width_ratio(radius, measure, eps, p0) - p_star)
-    tr = None if trace is None else _trace_value(trace)
-    bound = None if tr is None else trace_bound(curve, tr, eps)
-    sens = threshold_sensitivity(curve, eps, measure, p0, sensitivity_factors)
-    regime = lomp_regime(w, p_star, lomp_tol)
-    p_grid = np.linspace(0.0, 1.0, num_grid)
-    R_curve = curve(p_grid)
-    G_curve = gaussian_width_ratio(R_curve, measure, eps, p0)
-    return ThresholdPrediction(
-        predicted_ratio=p_star, kept_fraction=1.0 - p_star, radius=radius, residual=float(residual),
-        epsilon=eps, p0=p0, dim=curve.dim, trace=tr, trace_bound=bound, sensitivity=sens,
-        near_zero_fraction=regime.near_zero_fraction, in_lomp_regime=regime.in_regime,
-        lomp_message=regime.message, p_grid=p_grid, R_curve=np.asarray(R_curve), G_curve=np.asarray(G_curve),
-    )
-
-
 class ThresholdConvergence:
     """Stop rule for SLQ: end a probe's Lanczos run once p* has converged in the number of steps.
 
     At checkpoints m_0 = min_steps, m_{k+1} = ceil(growth * m_k) the Ritz quadrature of T_{m_k}
-    gives p*_k; the run stops when |p*_k - p*_{k-1}| < tol (spec §6: grow m until p* moves less
-    than 0.005). Geometric checkpoints, because the bias from unresolved near-zero eigenvalues
-    shrinks slowly: a fixed small increment can look converged while p* is still drifting.
+    gives p*_k; the run stops when |p*_k - p*_{k-1}| < tol (docs/method/prunelimit.md §3.2 and §6:
+    grow m until p* moves less than 0.005). Geometric checkpoints, because the bias from
+    unresolved near-zero eigenvalues shrinks slowly: a fixed small increment can look converged
+    while p* is still drifting.
     Pass an instance as `slq(..., stop_when=...)`; `history` keeps (m_k, p*_k) per probe.
     """
 
@@ -364,7 +297,7 @@ class ThresholdConvergence:
         if growth <= 1.0 or min_steps < 1:
             raise PruneLimitError(f"need growth > 1 and min_steps >= 1, got {growth}, {min_steps}")
         self.curve = weights if isinstance(weights, RadiusCurve) else radius_curve(weights)
-        self.epsilon, self.p0 = _check_eps(epsilon), _check_p0(p0)
+        self.epsilon, self.p0 = check_eps(epsilon), check_p0(p0)
         self.tol, self.min_steps, self.growth = float(tol), int(min_steps), float(growth)
         self.history: list[list[tuple[int, float]]] = []
         self._next = self.min_steps

@@ -81,26 +81,43 @@ def lanczos(
     if num_steps < 1:
         raise PruneLimitError(f"num_steps must be >= 1, got {num_steps}")
     tdtype = _torch_dtype(dtype)
-    numpy_mode = isinstance(v0, np.ndarray)
-    if numpy_mode:
-        user_matvec = matvec
+    if isinstance(v0, np.ndarray):
+        matvec = _numpy_matvec(matvec)
+    q = _start_vector(v0, dim, tdtype)
+    tol = math.sqrt(torch.finfo(tdtype).eps) if breakdown_tol is None else float(breakdown_tol)
+    mode = "auto" if reorthogonalize is True else reorthogonalize
+    steps = min(int(num_steps), int(dim))
+    keep_basis = bool(mode) or return_basis
+    basis = torch.empty((steps, dim), dtype=tdtype, device=q.device) if keep_basis else None
+    alphas, betas, breakdown = _recurrence(matvec, q, steps, basis, mode, tol, callback)
+    out_basis = basis[: len(alphas)] if (return_basis and basis is not None) else None
+    return LanczosResult(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64), out_basis, breakdown)
 
-        def matvec(t: torch.Tensor) -> torch.Tensor:  # noqa: F811 - numpy adapter
-            return torch.as_tensor(np.asarray(user_matvec(t.numpy())))
 
-    q = torch.as_tensor(v0).detach().reshape(-1).to(tdtype).clone()
+def _numpy_matvec(user_matvec: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A torch-in, torch-out adapter of a numpy `matvec`."""
+
+    def matvec(t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(user_matvec(t.numpy())))
+
+    return matvec
+
+
+def _start_vector(v0, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """q_1 = v0 / ||v0|| as a flat tensor of `dtype` on v0's device."""
+    q = torch.as_tensor(v0).detach().reshape(-1).to(dtype).clone()
     if q.numel() != dim:
         raise PruneLimitError(f"v0 has {q.numel()} entries, expected dim={dim}")
     norm = torch.linalg.vector_norm(q)
     if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
         raise PruneLimitError("the Lanczos start vector is zero or not finite")
     q /= norm
-    tol = math.sqrt(torch.finfo(tdtype).eps) if breakdown_tol is None else float(breakdown_tol)
-    mode = "auto" if reorthogonalize is True else reorthogonalize
-    steps = min(int(num_steps), int(dim))
-    keep_basis = bool(mode) or return_basis
-    basis = torch.empty((steps, dim), dtype=tdtype, device=q.device) if keep_basis else None
+    return q
 
+
+def _recurrence(matvec: Callable, q: torch.Tensor, steps: int, basis: torch.Tensor | None, mode, tol: float,
+                callback) -> tuple[list[float], list[float], bool]:
+    """The three-term recurrence from q_1 (basis rows filled as it goes): (alphas, betas, breakdown)."""
     alphas: list[float] = []
     betas: list[float] = []
     q_prev: torch.Tensor | None = None
@@ -109,24 +126,13 @@ def lanczos(
     for j in range(steps):
         if basis is not None:
             basis[j] = q
-        w = matvec(q)
-        w = torch.as_tensor(w).reshape(-1).to(device=q.device, dtype=tdtype)
-        if w.numel() != dim:
-            raise PruneLimitError(f"matvec returned {w.numel()} entries, expected {dim}")
+        w = _apply(matvec, q)
         a = torch.dot(q, w)
         w = w - a * q
         if q_prev is not None:
             w.sub_(q_prev, alpha=betas[-1])
         if mode:
-            done = basis[: j + 1]
-            passes = 2 if mode == "twice" else 1
-            p = 0
-            while p < passes:
-                before = torch.linalg.vector_norm(w)
-                w = torch.addmv(w, done.T, torch.mv(done, w), alpha=-1.0)
-                p += 1
-                if mode == "auto" and p == 1 and float(torch.linalg.vector_norm(w)) < _TWICE_IS_ENOUGH * float(before):
-                    passes = 2
+            w = _reorthogonalize(w, basis[: j + 1], mode)
         a_val = float(a)
         b_val = float(torch.linalg.vector_norm(w))
         if not (math.isfinite(a_val) and math.isfinite(b_val)):
@@ -136,16 +142,33 @@ def lanczos(
         last = j == steps - 1
         if not last and b_val <= tol * scale:
             breakdown = True
-        stop = False
-        if callback is not None:
-            stop = bool(callback(np.asarray(alphas), np.asarray(betas)))
+        stop = bool(callback(np.asarray(alphas), np.asarray(betas))) if callback is not None else False
         if last or breakdown or stop:
             break
         betas.append(b_val)
         q_prev, q = q, w / b_val
-    k = len(alphas)
-    out_basis = basis[:k] if (return_basis and basis is not None) else None
-    return LanczosResult(np.asarray(alphas, dtype=np.float64), np.asarray(betas, dtype=np.float64), out_basis, breakdown)
+    return alphas, betas, breakdown
+
+
+def _apply(matvec: Callable, q: torch.Tensor) -> torch.Tensor:
+    """matvec(q) as a flat tensor of q's dtype and device."""
+    w = torch.as_tensor(matvec(q)).reshape(-1).to(device=q.device, dtype=q.dtype)
+    if w.numel() != q.numel():
+        raise PruneLimitError(f"matvec returned {w.numel()} entries, expected {q.numel()}")
+    return w
+
+
+def _reorthogonalize(w: torch.Tensor, done: torch.Tensor, mode) -> torch.Tensor:
+    """w minus its projection on the rows of `done` (classical Gram-Schmidt; a second pass when needed)."""
+    passes = 2 if mode == "twice" else 1
+    p = 0
+    while p < passes:
+        before = torch.linalg.vector_norm(w)
+        w = torch.addmv(w, done.T, torch.mv(done, w), alpha=-1.0)
+        p += 1
+        if mode == "auto" and p == 1 and float(torch.linalg.vector_norm(w)) < _TWICE_IS_ENOUGH * float(before):
+            passes = 2
+    return w
 
 
 def tridiag_ritz(alpha, beta) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
-"""Checks made before any step computes or writes: the device, the data, the model on that data.
+"""Checks made before any step computes or writes: the data, the model on that data.
 
 A run that would fail on its input fails here, in one line, with nothing written: the dataset
 is loaded (its factory called), the model built (its factory called) and run forward on two
 training samples, and data-dependent sizes (the epsilon batch) are compared with the data.
+The device is checked when the run directory is opened (:func:`mmpl.device.resolve_device`).
 """
 from __future__ import annotations
 
@@ -12,29 +13,6 @@ import torch
 
 from .errors import PruneLimitError
 from .factories import first_line
-
-
-def check_device(text: str, where: str = "--device") -> None:
-    """``text`` names a torch device that exists here (cpu, an available cuda[:N], mps)."""
-    try:
-        device = torch.device(text)
-    except (RuntimeError, TypeError, ValueError):
-        raise PruneLimitError(f"{where} {text!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise PruneLimitError(f"{where} {text}: CUDA is not available on this machine ({why}); use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise PruneLimitError(f"{where} {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-        return
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise PruneLimitError(f"{where} {text}: Apple MPS is not available on this machine; use --device cpu")
-        return
-    raise PruneLimitError(f"{where} {text!r}: prunelimit runs on cpu, cuda, cuda:N or mps, not {device.type}")
 
 
 def check_eps_batches(num_train: int, eps_batch_size: int) -> None:

@@ -7,12 +7,12 @@ so no model is copied or written to disk (the released code saved 2,000 model fi
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from mmpl.progress import progress_bar
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -184,6 +184,33 @@ def actual_threshold(
     strictly above the dense accuracy (0.0 if none). Weights are restored afterwards; nothing is
     written to disk.
     """
+    tol = _check_search_options(tolerance, resolution, refine_steps)
+    grid_cells = _grid_cells(grid, resolution)
+    pbar = progress_bar(progress, len(grid_cells) + 2 * int(refine_steps), "threshold search")
+    with MagnitudeMasker(model, params) as masker:
+        sweep = _Sweep(model, eval_fn, masker, resolution, int(refine_steps), pbar)
+        dense_acc, dense_loss = _evaluate(sweep, 0)
+        sweep.bar = dense_acc - tol
+        sweep.risk_line = min(dense_acc, sweep.bar + margin)
+        bad = _first_failure(sweep, 0, grid_cells[1:])
+        last_good = grid_cells[-1] if bad is None else bad - 1
+    if pbar is not None:
+        pbar.close()
+
+    cells = sorted(sweep.results)
+    ratios = [c * resolution for c in cells]
+    accs = [sweep.results[c][0] for c in cells]
+    losses = [sweep.results[c][1] for c in cells]
+    above = [r for r, a in zip(ratios, accs) if a > dense_acc]
+    threshold = last_good * resolution
+    return ThresholdSearch(
+        threshold=threshold, kept_fraction=1.0 - threshold, released_threshold=max(above) if above else 0.0,
+        dense_accuracy=dense_acc, dense_loss=dense_loss, tolerance=tol, num_evaluations=len(sweep.results),
+        ratios=ratios, accuracies=accs, losses=losses,
+    )
+
+
+def _check_search_options(tolerance: float, resolution: float, refine_steps: int) -> float:
     tol = float(tolerance)
     if not (0.0 <= tol < 1.0):
         raise PruneLimitError(f"tolerance must be an accuracy fraction in [0, 1), got {tolerance}")
@@ -191,70 +218,60 @@ def actual_threshold(
         raise PruneLimitError(f"resolution must be in (0, 1), got {resolution}")
     if int(refine_steps) < 2:
         raise PruneLimitError(f"refine_steps must be >= 2, got {refine_steps}")
+    return tol
+
+
+def _grid_cells(grid: Sequence[float] | None, resolution: float) -> list[int]:
+    """The coarse grid as lattice cells (multiples of `resolution`), 0 included, below 1."""
     n_cells = int(round(1.0 / resolution))
     raw_grid = default_grid(resolution) if grid is None else [check_ratio(g) for g in grid]
     grid_cells = sorted({int(round(g / resolution)) for g in raw_grid} | {0})
-    grid_cells = [c for c in grid_cells if c < n_cells]
-
-    results: dict[int, tuple[float, float]] = {}
-    pbar = _progress_bar(progress, len(grid_cells) + 2 * int(refine_steps), "threshold search")
-
-    def evaluate(masker: MagnitudeMasker, cell: int) -> tuple[float, float]:
-        if cell not in results:
-            masker.apply(cell * resolution)
-            with torch.no_grad():
-                acc, loss = eval_fn(model)
-            acc, loss = float(acc), float(loss)
-            if not math.isfinite(acc) or not (0.0 <= acc <= 1.0 + 1e-9):
-                raise PruneLimitError(f"eval_fn must return accuracy as a fraction in [0, 1], got {acc}")
-            results[cell] = (acc, loss)
-            if pbar is not None:
-                pbar.update(1)
-        return results[cell]
-
-    def first_failure(masker: MagnitudeMasker, lo: int, cells: Sequence[int], bar: float) -> int | None:
-        """First failing cell among `cells` (ascending, > lo), refining each gap that fails or where
-        accuracy has already fallen to within `margin` of the bar (an unseen dip could hide there)."""
-        prev = lo
-        risk_line = min(dense_acc, bar + margin)
-        for cell in cells:
-            acc = evaluate(masker, cell)[0]
-            at_risk = min(acc, evaluate(masker, prev)[0]) < risk_line
-            if (acc < bar or at_risk) and cell - prev > 1:
-                step = max(1, (cell - prev) // int(refine_steps))
-                inner = list(range(prev + step, cell, step)) + [cell]
-                found = first_failure(masker, prev, inner, bar)
-                if found is not None:
-                    return found
-            elif acc < bar:
-                return cell
-            prev = cell
-        return None
-
-    with MagnitudeMasker(model, params) as masker:
-        dense_acc, dense_loss = evaluate(masker, 0)
-        bar = dense_acc - tol
-        bad = first_failure(masker, 0, grid_cells[1:], bar)
-        last_good = grid_cells[-1] if bad is None else bad - 1
-    if pbar is not None:
-        pbar.close()
-
-    cells = sorted(results)
-    ratios = [c * resolution for c in cells]
-    accs = [results[c][0] for c in cells]
-    losses = [results[c][1] for c in cells]
-    above = [r for r, a in zip(ratios, accs) if a > dense_acc]
-    threshold = last_good * resolution
-    return ThresholdSearch(
-        threshold=threshold, kept_fraction=1.0 - threshold, released_threshold=max(above) if above else 0.0,
-        dense_accuracy=dense_acc, dense_loss=dense_loss, tolerance=tol, num_evaluations=len(results),
-        ratios=ratios, accuracies=accs, losses=losses,
-    )
+    return [c for c in grid_cells if c < n_cells]
 
 
-def _progress_bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
+@dataclass
+class _Sweep:
+    """What the threshold search shares: the model pruned in place, the evaluations so far, the bar."""
 
-    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+    model: nn.Module
+    eval_fn: Callable[[nn.Module], tuple[float, float]]
+    masker: MagnitudeMasker
+    resolution: float
+    refine_steps: int
+    pbar: Any = None
+    results: dict[int, tuple[float, float]] = field(default_factory=dict)  # lattice cell -> (accuracy, loss)
+    bar: float = 0.0  # dense accuracy - tolerance: below it is a failure
+    risk_line: float = 0.0  # min(dense, bar + margin): a gap with an end below it is rescanned
+
+
+def _evaluate(sweep: _Sweep, cell: int) -> tuple[float, float]:
+    """(accuracy, loss) with the weights of lattice cell `cell` removed (each cell evaluated once)."""
+    if cell not in sweep.results:
+        sweep.masker.apply(cell * sweep.resolution)
+        with torch.no_grad():
+            acc, loss = sweep.eval_fn(sweep.model)
+        acc, loss = float(acc), float(loss)
+        if not math.isfinite(acc) or not (0.0 <= acc <= 1.0 + 1e-9):
+            raise PruneLimitError(f"eval_fn must return accuracy as a fraction in [0, 1], got {acc}")
+        sweep.results[cell] = (acc, loss)
+        if sweep.pbar is not None:
+            sweep.pbar.update(1)
+    return sweep.results[cell]
+
+
+def _first_failure(sweep: _Sweep, lo: int, cells: Sequence[int]) -> int | None:
+    """First failing cell among `cells` (ascending, > lo), refining each gap that fails or where
+    accuracy has already fallen to within `margin` of the bar (an unseen dip could hide there)."""
+    prev = lo
+    for cell in cells:
+        acc = _evaluate(sweep, cell)[0]
+        at_risk = min(acc, _evaluate(sweep, prev)[0]) < sweep.risk_line
+        if (acc < sweep.bar or at_risk) and cell - prev > 1:
+            step = max(1, (cell - prev) // sweep.refine_steps)
+            found = _first_failure(sweep, prev, list(range(prev + step, cell, step)) + [cell])
+            if found is not None:
+                return found
+        elif acc < sweep.bar:
+            return cell
+        prev = cell
+    return None

@@ -6,11 +6,11 @@ momentum; the learning-rate schedule advances once per epoch.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
+from mmpl.progress import progress as progress_over
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -71,10 +71,6 @@ def _default_params(model: nn.Module) -> list[nn.Parameter]:
     return prunable_parameters(model)
 
 
-def _show_progress(progress: bool) -> bool:
-    return bool(progress) and sys.stderr.isatty()
-
-
 def train_l1(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -109,66 +105,89 @@ def train_l1(
 
     ``callback(epoch, record, model)`` runs after each epoch; returning ``True`` stops early.
     """
-    if lam < 0 or not math.isfinite(lam):
-        raise PruneLimitError(f"--lam must be a finite number >= 0, got {lam}")
-    if epochs < 0:
-        raise PruneLimitError(f"--epochs must be >= 0, got {epochs}")
-    lr_factor(schedule, 0, max(epochs, 1))  # validates the schedule name early
+    _check_train_options(lam, epochs, schedule)
     device = torch.device(device)
     model.to(device)
     reg_params = list(_default_params(model) if params is None else params)
+    train_data, map_style = _training_data(train_data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(int(seed))
+    history = TrainHistory(float(lam))
+    step = _Step(model, loss_fn, optimizer, reg_params, float(lam), device, augment if map_style else None, generator)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        epoch_iter = progress_over(range(epochs), progress, "train (l1)", leave=True)
+        for epoch in epoch_iter:
+            batches = _epoch_batches(train_data, batch_size, generator) if map_style else train_data
+            record = _train_epoch(step, batches, epoch, lr * lr_factor(schedule, epoch, epochs))
+            history.epochs.append(record)
+            if hasattr(epoch_iter, "set_postfix"):
+                epoch_iter.set_postfix(loss=f"{record.task_loss:.4f}", acc=f"{record.train_accuracy:.3f}")
+            if callback is not None and callback(epoch, record, model) is True:
+                break
+    return history
+
+
+def _training_data(train_data) -> tuple[Dataset | Iterable, bool]:
+    """(data, map_style): a tensor pair becomes a TensorDataset; an empty map-style dataset is refused."""
     if isinstance(train_data, tuple) and len(train_data) == 2 and all(isinstance(t, torch.Tensor) for t in train_data):
         train_data = TensorDataset(*train_data)
     map_style = isinstance(train_data, Dataset) and hasattr(train_data, "__len__")
     if map_style and len(train_data) == 0:
         raise PruneLimitError("the training set is empty")
+    return train_data, map_style
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(int(seed))
-    history = TrainHistory(float(lam))
-    fork_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(int(seed))
-        epoch_iter = range(epochs)
-        if _show_progress(progress):
-            from tqdm.auto import tqdm
 
-            epoch_iter = tqdm(epoch_iter, desc="train (l1)", unit="epoch")
-        for epoch in epoch_iter:
-            current_lr = lr * lr_factor(schedule, epoch, epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = current_lr
-            model.train()
-            total_task = total_correct = 0.0
-            seen = 0
-            batches = _epoch_batches(train_data, batch_size, generator) if map_style else train_data
-            for inputs, targets in batches:
-                inputs, targets = inputs.to(device), targets.to(device)
-                if augment is not None and map_style:
-                    inputs = augment(inputs, generator)
-                outputs = model(inputs)
-                task = loss_fn(outputs, targets)
-                objective = task + lam * l1_norm(reg_params) if lam > 0 else task
-                if not torch.isfinite(objective):
-                    raise PruneLimitError(f"training loss became {objective.item()} in epoch {epoch + 1}; lower --lr or --lam")
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
-                n = len(targets)
-                seen += n
-                total_task += task.item() * n
-                if outputs.ndim == 2 and targets.ndim == 1:
-                    total_correct += (outputs.argmax(1) == targets).sum().item()
-            with torch.no_grad():
-                norm = float(l1_norm(reg_params)) if reg_params else 0.0
-            task_mean = total_task / max(seen, 1)
-            record = EpochRecord(epoch + 1, current_lr, task_mean, norm, task_mean + lam * norm, total_correct / max(seen, 1))
-            history.epochs.append(record)
-            if hasattr(epoch_iter, "set_postfix"):
-                epoch_iter.set_postfix(loss=f"{task_mean:.4f}", acc=f"{record.train_accuracy:.3f}")
-            if callback is not None and callback(epoch, record, model) is True:
-                break
-    return history
+@dataclass
+class _Step:
+    """What one SGD step on the l1 objective needs."""
+
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    reg_params: list[nn.Parameter]
+    lam: float
+    device: torch.device
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+    generator: torch.Generator
+
+
+def _check_train_options(lam: float, epochs: int, schedule: str) -> None:
+    if lam < 0 or not math.isfinite(lam):
+        raise PruneLimitError(f"--lam must be a finite number >= 0, got {lam}")
+    if epochs < 0:
+        raise PruneLimitError(f"--epochs must be >= 0, got {epochs}")
+    lr_factor(schedule, 0, max(epochs, 1))  # validates the schedule name early
+
+
+def _train_epoch(step: _Step, batches: Iterable, epoch: int, lr: float) -> EpochRecord:
+    """One pass of SGD steps over ``batches`` at learning rate ``lr``; task loss and accuracy are sample means."""
+    for group in step.optimizer.param_groups:
+        group["lr"] = lr
+    step.model.train()
+    total_task = total_correct = 0.0
+    seen = 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(step.device), targets.to(step.device)
+        if step.augment is not None:
+            inputs = step.augment(inputs, step.generator)
+        outputs = step.model(inputs)
+        task = step.loss_fn(outputs, targets)
+        objective = task + step.lam * l1_norm(step.reg_params) if step.lam > 0 else task
+        if not torch.isfinite(objective):
+            raise PruneLimitError(f"training loss became {objective.item()} in epoch {epoch + 1}; lower --lr or --lam")
+        step.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        step.optimizer.step()
+        n = len(targets)
+        seen += n
+        total_task += task.item() * n
+        if outputs.ndim == 2 and targets.ndim == 1:
+            total_correct += (outputs.argmax(1) == targets).sum().item()
+    with torch.no_grad():
+        norm = float(l1_norm(step.reg_params)) if step.reg_params else 0.0
+    task_mean = total_task / max(seen, 1)
+    return EpochRecord(epoch + 1, lr, task_mean, norm, task_mean + step.lam * norm, total_correct / max(seen, 1))
 
 
 def _epoch_batches(dataset: Dataset, batch_size: int, generator: torch.Generator):

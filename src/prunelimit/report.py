@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-
-from .io import atomic_path
+from mmpl.fsio import atomic_path
 
 PREDICTED_STYLE = {"color": "tab:red", "linestyle": "--"}
 ACTUAL_STYLE = {"color": "tab:green", "linestyle": "-"}
@@ -33,21 +32,18 @@ def _save(fig, path: Path) -> None:
 
 
 def spectrum_density(nodes: np.ndarray, weights: np.ndarray, num_points: int = 2000, bandwidth: float = 1 / 200):
-    """(grid, density): Gaussian-smoothed SLQ density, for display only.
+    """(grid, density): the SLQ density (:func:`~prunelimit.estimators.spectral_density`) over the
+    spectral range, sigma = bandwidth * (spectral range); for display only (the prediction always
+    uses the raw Ritz values and weights)."""
+    from .estimators import spectral_density
 
-    phi(t) = mean_k sum_j tau_kj N(t; theta_kj, sigma^2), sigma = bandwidth * (spectral range);
-    the prediction itself always uses the raw Ritz values and weights.
-    """
     nodes = np.atleast_2d(np.asarray(nodes, dtype=np.float64))
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     keep = weights > 0
     lo, hi = float(nodes[keep].min()), float(nodes[keep].max())
     span = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
-    sigma = bandwidth * span
     grid = np.linspace(lo - 0.05 * span, hi + 0.05 * span, num_points)
-    z = (grid[:, None] - nodes[keep][None, :]) / sigma
-    density = np.exp(-0.5 * z * z) @ weights[keep] / (sigma * np.sqrt(2 * np.pi) * nodes.shape[0])
-    return grid, density
+    return grid, spectral_density(nodes, weights, grid, bandwidth * span)
 
 
 def plot_spectrum(path: Path, spectrum_record: dict) -> None:
@@ -153,23 +149,3 @@ def write_plots(directory: str | os.PathLike, spectrum: dict, prediction: dict, 
     plot_spectrum(directory / files["spectrum"], spectrum)
     plot_gaussian_width(directory / files["width"], prediction, actual)
     plot_accuracy(directory / files["accuracy"], actual, prediction)
-
-
-def summary_lines(report: dict) -> list[str]:
-    """Human-readable lines for the end of `prunelimit run` (printed by the CLI)."""
-    lines = [
-        f"model {report['model']} on {report['dataset']}: D = {report['num_prunable']} prunable weights, "
-        f"dense test accuracy {report['test_accuracy_dense']:.4f}",
-        f"predicted threshold p* = {report['predicted_threshold']:.4f} (keep {report['predicted_kept_fraction']:.2%})",
-        f"actual threshold       = {report['actual_threshold']:.4f} (keep {report['actual_kept_fraction']:.2%}; "
-        f"released criterion {report['actual_threshold_released_criterion']:.4f})",
-        f"difference predicted - actual = {report['difference_predicted_minus_actual']:+.4f}",
-        f"eps = {report['epsilon']:.4g} (p* at eps/2: {report['sensitivity']['p_star_eps_half']:.4f}, at 2 eps: "
-        f"{report['sensitivity']['p_star_eps_double']:.4f}), Tr(H) = {report['trace']:.4g}, p0 = {report['p0']:.3f}"
-        f"{'' if report['p0_used'] else ' (not used)'}, m = {report['lanczos_steps']}, probes = {report['probes']}",
-        f"{report['regime_fraction']:.1%} of weights below {report['regime_tol']:g} "
-        f"({'inside' if report['in_lomp_regime'] else 'OUTSIDE'} the LOMP regime)",
-    ]
-    if report.get("warning"):
-        lines.append("warning: " + report["warning"])
-    return lines

@@ -11,17 +11,19 @@ and refuses a directory that holds anything else.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from mmpl.device import resolve_device
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
+from mmpl.jsonio import dumps, read_json, write_json, write_text
 
 from . import distributed
-from .config import RunConfig, coerce_options, load_yaml_mapping, step_settings
+from .config import RunConfig, coerce_options, read_options_file, step_settings
 from .errors import PruneLimitError
-from .io import read_json, write_json, write_text
 
 STEPS = ("train", "spectrum", "predict", "prune", "report")
 RESULT_FILES = {
@@ -68,7 +70,7 @@ class RunDirectory:
         path = self.result_path(step)
         if not path.is_file():
             return None
-        data = read_json(path)
+        data = read_json(path, PruneLimitError)
         if not isinstance(data, dict) or "stamp" not in data:
             raise PruneLimitError(f"{path} is not a prunelimit result file; delete it or use another --out")
         return data
@@ -130,11 +132,31 @@ class RunDirectory:
 
 
 def _jsonable(obj):
-    import json
+    """``obj`` as it reads back from a result file (the NaN policy of :mod:`mmpl.jsonio` applied)."""
+    return json.loads(dumps(obj))
 
-    from .io import _to_builtin
 
-    return json.loads(json.dumps(_to_builtin(obj)))
+def check_upstream_current(run: RunDirectory, config: RunConfig, step: str, inputs: dict[str, str],
+                           already: Sequence[str]) -> None:
+    """Refuse to build on a result that is itself out of date (e.g. `report` after `spectrum --force`)."""
+    for up in inputs:
+        if up in already:
+            continue  # handled earlier in this invocation
+        done, why = run.status(up, config)
+        if not done:
+            raise PruneLimitError(
+                f"{run.result_path(up)} is out of date ({why}); run `prunelimit {up} --out {run.path}` "
+                f"(or `prunelimit run --out {run.path}`) before `{step}`"
+            )
+
+
+def check_plan(run: RunDirectory, config: RunConfig, steps: Sequence[str], force: bool) -> None:
+    """Up front, the input checks the pipeline makes for steps that build on results of earlier invocations."""
+    for index, step in enumerate(steps):
+        earlier = steps[:index]
+        if any(up in earlier for up in REQUIRES[step]) or (not force and run.status(step, config)[0]):
+            continue
+        check_upstream_current(run, config, step, run.current_inputs(step), already=earlier)
 
 
 # ============================================================================ opening
@@ -172,15 +194,14 @@ def open_run(out: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
     if stored:
         _check_model_info(run, config)
     _check_names(config)
-    from .preflight import check_device
-
-    check_device(config.device, "--device" if "device" in overrides or not stored else f"{config_path}: option device")
+    resolve_device(config.device, "--device" if "device" in overrides or not stored else f"{config_path}: option device",
+                   error=PruneLimitError)
     return run, config
 
 
 def _stored_config(run: RunDirectory, config_path: Path, overrides: dict[str, Any]) -> RunConfig:
     """config.yaml with ``overrides`` on top; refused when the model or dataset differ."""
-    stored = RunConfig.from_dict(load_yaml_mapping(config_path, "run directory file"), str(config_path))
+    stored = RunConfig.from_dict(read_options_file(config_path, "run directory file"), str(config_path))
     stored.validate(str(config_path), keys={f.name for f in fields(RunConfig)} - set(overrides))
     differ = {k: (getattr(stored, k), overrides[k]) for k in ("model", "dataset")
               if k in overrides and overrides[k] != getattr(stored, k)}
