@@ -56,7 +56,6 @@ from mmil.models.mmil_transformer import MMILTransformer  # noqa: E402
 
 # ------------------------------------------------------------------ memory
 
-
 def _pin_malloc_thresholds() -> bool:
     """Make glibc return freed large buffers to the OS (so peak RSS tracks live memory)."""
     try:
@@ -106,7 +105,6 @@ class PeakMemory:
 
 # ------------------------------------------------------------------- FLOPs
 
-
 def forward_flops(N: int, sizes: list[int], *, C: int, D: int, inner: int, heads: int, layers: int, k: int, ours: bool) -> float:
     """Multiply-add FLOPs (2 per MAC) of one forward pass of one bag.
 
@@ -148,7 +146,6 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, 
 
 
 # ------------------------------------------------------------------ timing
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -232,7 +229,7 @@ def bench_size(N: int, args, device: torch.device, precision: str) -> list[Row]:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.eval()
     with torch.no_grad():
-        ids = model(x, seed=0).extras["subbag_ids"][0]
+        ids = model(x, seed=0).subbag_ids[0]
     subbags = subbags_from_ids(ids, torch.ones(G, dtype=torch.bool, device=device))
     sizes = [len(s) for s in subbags]
     cfg = dict(C=C, D=model.embed_dim, inner=8 * 64, heads=8, layers=2, k=1)
@@ -250,12 +247,11 @@ def bench_size(N: int, args, device: torch.device, precision: str) -> list[Row]:
 
     rows.append(_compare(N, "eval", ours_eval, ref_eval, args.repeats, device, f_ours, f_ref))
     with torch.no_grad():
-        p32 = model(x, seed=0).probs
+        out32 = model(x, seed=0)
+        p32, l32 = out32.probs, out32.logits[0]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             p16 = model(x, seed=0).probs
         ref_logits = reference_forward(weights, x, subbags, heads=8, head_dim=64)
-    with torch.no_grad():
-        l32 = model(x, seed=0).logits[0]
     rows[-1].note = f"max|logit ours - ref| = {float((l32 - ref_logits).abs().max()):.1e}"
     if precision == "bf16":
         rows[-1].note += f", |p_bf16 - p_fp32| = {float((p16 - p32).abs().max()):.1e}"

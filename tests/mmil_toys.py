@@ -24,27 +24,29 @@ class ToyAttnMIL(MILModel):
     mode, making evaluation stochastic like random grouping.
     """
 
+    inputs = ("seed",)
+
     def __init__(self, in_dim: int, n_classes: int, hidden: int = 16, dropout: float = 0.0, instance_drop: float = 0.0, seed_noise: float = 0.0) -> None:
-        super().__init__()
-        self.in_dim, self.n_classes = in_dim, n_classes
+        super().__init__(in_dim, n_classes, hidden=hidden, dropout=dropout, instance_drop=instance_drop, seed_noise=seed_noise)
         self.proj = nn.Linear(in_dim, hidden)
         self.attn = nn.Linear(hidden, 1)
         self.head = nn.Linear(hidden, n_classes)
         self.drop = nn.Dropout(dropout)
         self.instance_drop, self.seed_noise = instance_drop, seed_noise
-        self.init_kwargs = dict(in_dim=in_dim, n_classes=n_classes, hidden=hidden, dropout=dropout, instance_drop=instance_drop, seed_noise=seed_noise)
 
-    def _gen(self, seed):
-        return None if seed is None else torch.Generator().manual_seed(int(seed))
+    def embed(self, x):
+        return torch.tanh(self.proj(x))
 
-    def forward(self, x, mask=None, *, coords=None, groups=None, seed=None, return_scores=False):
+    def forward(self, x, mask=None, *, seed=None, return_scores=False):
         x, mask = as_padded_batch(x, mask)
-        gen = self._gen(seed)
+        return self.forward_head(self.forward_features(x, mask), mask, seed=seed, return_scores=return_scores)
+
+    def forward_head(self, h, mask, *, seed=None, return_scores=False):
+        gen = None if seed is None else torch.Generator().manual_seed(int(seed))
         if self.training and self.instance_drop > 0:
             keep = torch.rand(mask.shape, generator=gen) >= self.instance_drop
             keep[:, 0] = True
             mask = mask & keep.to(mask.device)
-        h = torch.tanh(self.proj(x))
         a = self.attn(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
         w = torch.softmax(a, dim=1)
         z = (w.unsqueeze(-1).to(h.dtype) * h).sum(1)

@@ -1,7 +1,7 @@
-"""Naive MMIL-Transformer written from spec §1 literally (the test oracle).
+"""Naive MMIL-Transformer written from ``docs/method/mmil.md §1`` literally (the test oracle).
 
 One bag at a time, a Python loop over sub-bags and over message tokens, explicit
-softmax attention, weights kept in the RELEASED key layout (spec §1.8) as a plain
+softmax attention, weights kept in the RELEASED key layout (``docs/method/mmil.md §1.8``) as a plain
 dict. It shares no code with :mod:`mmil.models.mmil_transformer`; the sub-bags are
 given explicitly as lists of instance indices, so a test can hand both
 implementations the same grouping and compare only the attention math.
@@ -150,7 +150,7 @@ def reference_forward(
 def reference_instance_scores(
     weights: dict[str, Tensor], x: Tensor, subbags: list[Tensor], *, heads: int, head_dim: int, num_msg: int = 1
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Spec §4 scores from explicit attention: for instance i of sub-bag g,
+    """``docs/method/mmil.md §4`` scores from explicit attention: for instance i of sub-bag g,
     ``sum_j mean_h(A_msg[h, 0, 1 + g k + j]) * mean_h(A_sub_g[h, j, k + t_i])``.
 
     Returns ``(scores (N,), bag_self_weight (), expected_sum ())`` where

@@ -155,15 +155,22 @@ def test_peak_of_running_sum_orders_events_by_time():
 
 
 def test_cpu_peak_memory_counts_live_tensors():
-    def work():
-        a = torch.ones(1000, 1000)  # 4 MB
-        b = a * 2  # 4 MB, both alive: 8 MB
-        del a
-        c = b + 1  # a freed first: still 8 MB
-        return float(c[0, 0])
+    def work(rows):
+        def run():
+            a = torch.ones(rows, 1000)  # 4 MB per 1000 rows
+            b = a * 2  # both alive: 8 MB
+            del a
+            c = b + 1  # a freed first: still 8 MB (12 MB if frees were not counted)
+            return float(c[0, 0])
 
-    peak = cpu_peak_memory_bytes(work)
-    assert 8_000_000 <= peak < 8_100_000
+        return run
+
+    # Allocator rounding and small bookkeeping allocations vary with the platform and build:
+    # bounds, not byte counts. 8 MB live at the peak; 12 MB would mean the free of `a` was missed.
+    peak = cpu_peak_memory_bytes(work(1000))
+    assert 0.95 * 8e6 <= peak < 10e6
+    # and the peak scales with the tensors
+    assert 1.8 < cpu_peak_memory_bytes(work(2000)) / peak < 2.2
 
 
 def test_summary_ranks_by_auc_then_balanced_accuracy():

@@ -181,7 +181,7 @@ def _fake_released(path, in_dim=6, dim=16, heads=8, head_dim=4, n_classes=2, lay
 
 def test_import_checkpoint_round_trip(tmp_path, capsys):
     from mmil.checkpoint import load_checkpoint
-    from mmil.models.mmil_transformer import load_released_checkpoint
+    from mmil.checkpoint import load_released_checkpoint
 
     released = tmp_path / "released.pth"
     sd = _fake_released(released)

@@ -6,15 +6,20 @@ import pytest
 import torch
 
 from mmil.grouping import (
+    GROUPINGS,
+    Grouping,
+    GroupingInputs,
     array_split_sizes,
     cap_subbags,
     drop_subbags,
+    get_grouping,
     index_groups,
     kmeans_groups,
     kmeans_init,
     lloyd,
     make_generator,
     random_groups,
+    register_grouping,
     sequential_groups,
 )
 
@@ -192,3 +197,47 @@ def test_cap_subbags_keeps_random_subset_of_size_cap():
     assert bool((capped[1, :3] == 0).all())  # sub-bag smaller than the cap is untouched
     subsets = {tuple(cap_subbags(ids, 3, 4, _gen(s))[0].tolist()) for s in range(6)}
     assert len(subsets) > 1
+
+
+def test_registry_gives_every_grouping_one_signature_and_one_result():
+    assert GROUPINGS == ("random", "sequential", "embedding", "coords", "index")
+    assert [get_grouping(n).needs for n in GROUPINGS] == [None, None, "features", "coords", "groups"]
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(12).view(1, -1) < torch.tensor([12, 7]).view(-1, 1)
+    features, coords = torch.randn(2, 12, 5, generator=g), torch.rand(2, 12, 2, generator=g) * 1000
+    labels = torch.tensor([[4, 4, 9, 1, 1, 1, 9, 4, 4, 1, 9, 9], [2, 2, 2, 0, 0, 2, 2, 7, 7, 7, 7, 7]])
+    # each registered mode is its building block, and the result type is the same for all
+    expected = {
+        "random": (random_groups(mask, 4, _gen(3)), [4, 4]),
+        "sequential": (sequential_groups(mask, 4), [4, 4]),
+        "embedding": (kmeans_groups(features, mask, 4, 10, _gen(3)), [4, 4]),
+        "coords": (kmeans_groups(coords, mask, 4, 10, _gen(3)), [4, 4]),
+        "index": (index_groups(labels, mask)[0], [3, 2]),
+    }
+    for name in GROUPINGS:
+        inputs = GroupingInputs(mask, 4, features=features, coords=coords, groups=labels, generator=_gen(3))
+        result = get_grouping(name).fn(inputs)
+        assert isinstance(result, Grouping), name
+        ids, counts = expected[name]
+        assert torch.equal(result.ids, ids) and result.counts.tolist() == counts, name
+        assert result.valid.tolist() == [[j < c for j in range(max(counts))] for c in counts], name
+    # single-bag coords / labels without the batch axis are accepted
+    one = torch.ones(1, 12, dtype=torch.bool)
+    assert torch.equal(get_grouping("index").fn(GroupingInputs(one, 4, groups=labels[0])).ids, index_groups(labels[:1], one)[0])
+    assert get_grouping("coords").fn(GroupingInputs(one, 4, coords=coords[0], generator=_gen(1))).ids.shape == (1, 12)
+
+
+def test_registry_rejects_unknown_names_missing_inputs_and_duplicates():
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="unknown grouping 'kmeans'.*random, sequential, embedding, coords, index"):
+        get_grouping("kmeans")
+    with pytest.raises(ValueError, match="needs patch coordinates"):
+        get_grouping("coords").fn(GroupingInputs(mask, 2))
+    with pytest.raises(ValueError, match=r"coords must have shape \(1, 5, 2\)"):
+        get_grouping("coords").fn(GroupingInputs(mask, 2, coords=torch.zeros(1, 4, 2)))
+    with pytest.raises(ValueError, match="needs precomputed group labels"):
+        get_grouping("index").fn(GroupingInputs(mask, 2))
+    with pytest.raises(ValueError, match="needs the projected features"):
+        get_grouping("embedding").fn(GroupingInputs(mask, 2))
+    with pytest.raises(ValueError, match="registered twice"):
+        register_grouping("random")(lambda inputs: None)

@@ -61,10 +61,12 @@ def test_class_weights_and_nll_closed_form():
 
 def test_training_lowers_loss_and_keeps_best_checkpoint(tmp_path):
     ds = _easy()
-    res = train_fold(ds.subset(range(12)), ds.subset(range(12, 16)), TOY, {}, _cfg(epochs=8), tmp_path)
+    res = train_fold(ds.subset(range(12)), ds.subset(range(12, 16)), TOY, {}, _cfg(epochs=12, lr=3e-2), tmp_path)
     losses = [h["train_loss"] for h in res.history]
-    assert losses[-1] < 0.6 * losses[0]
-    assert res.epochs_run == 8 and not res.stopped_early
+    # A training outcome, so a wide margin: over 36 data/seed pairs the last epoch's loss was at
+    # most 0.05x the first's (8 epochs at lr 1e-2, as before, left one run at 0.44x).
+    assert losses[-1] < 0.5 * losses[0]
+    assert res.epochs_run == 12 and not res.stopped_early
     best = int(np.argmin([h["val_loss"] for h in res.history])) + 1
     assert res.best_epoch == best
     # the checkpoint is the best epoch's model: its validation loss is the recorded one
@@ -200,9 +202,12 @@ def test_mmil_resume_is_exact_and_seeded(tmp_path):
 
 def test_mmil_training_lowers_the_loss(tmp_path):
     ds = _easy(12, dim=8, lo=20, hi=40)
-    res = train_fold(ds, None, "mmil", dict(embed_dim=32, heads=2, head_dim=16, num_subbags=3), _cfg(epochs=8, lr=2e-3), tmp_path)
+    res = train_fold(ds, None, "mmil", dict(embed_dim=32, heads=2, head_dim=16, num_subbags=3), _cfg(epochs=10, lr=1e-3), tmp_path)
     losses = [h["train_loss"] for h in res.history]
-    assert np.mean(losses[-2:]) < 0.6 * losses[0]
+    # A training outcome, so a wide margin: over 32 data/seed pairs the mean of the last two epochs
+    # was at most 0.15x the first epoch's loss. At a higher rate one bag sometimes turns confidently
+    # wrong for an epoch (its loss ~5), so the median of the last three epochs is taken.
+    assert np.median(losses[-3:]) < 0.5 * losses[0]
 
 
 # ---------------------------------------------------------------- configuration

@@ -2,7 +2,7 @@
 
 Positive slides carry one "tumor" blob (dark purple, dense nuclei texture) beside a
 normal one; negative slides two normal blobs. After training, the model must tell
-the slides apart and its instance scores (spec §4) must point at the tumor blob.
+the slides apart and its instance scores (`docs/method/mmil.md` §4) must point at the tumor blob.
 Random-weight ResNet-50 features at a 32-px input keep extraction fast on a CPU.
 """
 from __future__ import annotations

@@ -22,6 +22,7 @@ import numpy as np
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
 
 from .errors import MMILInputError
+from .options import differences, flatten  # noqa: F401 - flatten re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -43,29 +44,6 @@ HINT = "rerun with the stored settings, choose a fresh --out directory, or pass 
 
 
 # ----------------------------------------------------------------------------- comparing settings
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a.b": value}`` (empty mappings vanish; values JSON-normalised)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
-    return out
-
-
-def differences(stored: Mapping[str, Any], given: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """``key: stored -> given`` for every key whose values differ."""
-    a, b = flatten(stored, prefix), flatten(given, prefix)
-    unset = "(unset)"
-
-    def show(v: Any) -> str:
-        text = json.dumps(v)
-        return text if len(text) <= 40 else text[:16] + "..."  # hashes: the start tells them apart
-
-    return [f"{k}: {show(a.get(k, unset))} -> {show(b.get(k, unset))}" for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset)]
-
-
 def _refusal(out_dir: Path, what: str, diffs: list[str]) -> MMILInputError:
     shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
     return MMILInputError(f"--out {out_dir}: {what} other settings (stored -> given: {shown}); {HINT}")

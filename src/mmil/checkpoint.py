@@ -1,22 +1,28 @@
-"""Checkpoint directories: ``model.safetensors`` (weights) + ``config.json``.
+"""Checkpoint directories: ``model.safetensors`` (weights) + ``config.json``; and released
+MMIL-Transformer weight files.
 
 ``config.json`` holds ``{"format": "mmil-checkpoint", "version": 1, "model": NAME,
 "model_kwargs": {... in_dim, n_classes ...}, "extra": {...}}``; ``extra`` carries
 whatever the writer adds (training config, epoch, class names, metrics).
-Weights are read with safetensors only, so loading never executes code.
+Weights are read with safetensors only, so loading never executes code; the
+authors' released ``.pth`` files are read with ``torch.load(weights_only=True)``
+(:func:`load_released_checkpoint`) and mapped by :mod:`mmil.models.mmil_released`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
+from .errors import MMILInputError
 from .io import atomic_path, write_json
 from .models import create_model
+from .models.mmil_released import ReleasedCheckpointError, model_from_released
+from .models.mmil_transformer import MMILTransformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -83,3 +89,54 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     model.to(map_location).eval()
     cfg["model_kwargs"] = {"in_dim": in_dim, "n_classes": n_classes, **kwargs}
     return model, cfg
+
+
+# ------------------------------------------------------------ released weights
+def read_released_state(path: str | Path) -> dict[str, Tensor]:
+    """The state dict in a released ``.pth``/``.pt`` file, read with ``torch.load(weights_only=True)``.
+
+    A dict wrapping the weights under ``model``, ``state_dict`` or ``model_state_dict``
+    is unwrapped. Raises :class:`MMILInputError` naming the file if it is missing,
+    unreadable (pickled modules are refused) or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MMILInputError(f"{path}: no such checkpoint file; pass the path of the released .pth/.pt weights")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors, truncated zip, code objects refused by weights_only
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MMILInputError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
+            "pass a plain state dict saved with torch.save (pickled modules are refused)"
+        ) from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("model", "state_dict", "model_state_dict"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise MMILInputError(f"{path}: holds no state dict (found {type(obj).__name__}); pass the released MMIL-Transformer weights")
+    return dict(obj)
+
+
+def load_released_checkpoint(path: str | Path, **options: Any) -> MMILTransformer:
+    """Build an MMIL-Transformer from a released checkpoint file (``docs/method/mmil.md §1.8``).
+
+    The file is read by :func:`read_released_state`; shapes give ``embed_dim``,
+    ``n_classes``, ``num_layers``, ``in_dim`` (with no ``fc1`` the model is built with
+    ``use_input_proj=False`` and ``in_dim = embed_dim``) and ``heads x head_dim`` (8 heads
+    unless ``heads`` or ``head_dim`` is given). Values in ``options`` must agree with
+    the file; the other ``options`` (``num_subbags``, ``grouping``, ``num_msg``, dropout,
+    ...) are passed to the constructor (:func:`mmil.models.mmil_released.model_from_released`).
+
+    Returns the model in eval mode; ``model.init_kwargs`` are the constructor
+    arguments (for :func:`save_checkpoint`). Raises :class:`MMILInputError` naming
+    the file if it is missing, unreadable, not in the released layout, or does not
+    fit the requested configuration.
+    """
+    state = read_released_state(path)
+    try:
+        return model_from_released(state, **options)
+    except ReleasedCheckpointError as err:
+        raise MMILInputError(f"{Path(path)}: {err}") from None

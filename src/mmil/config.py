@@ -10,25 +10,53 @@ A YAML file mirrors :class:`ExperimentConfig`::
 
 Unknown keys are errors naming the key, so a typo never silently falls back to
 a default. ``2e-4`` (which YAML 1.1 reads as text) is accepted for float fields.
+Each field declares its ``mmil train`` flag, help text and range once
+(:mod:`mmil.options`): the same range refuses a bad flag and a bad YAML value.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpl.config import option
+from mmpl.device import DEVICE_HELP
+from mmpl.jsonio import write_json, write_text
+
 from .errors import MMILInputError
-from .io import write_json, write_text
+from .options import (
+    NON_NEGATIVE_FLOAT,
+    NON_NEGATIVE_INT,
+    POSITIVE_FLOAT,
+    POSITIVE_INT,
+    ConfigFile,
+    Range,
+    check_fields,
+    read_yaml_mapping,
+)
+
+__all__ = ["PRECISIONS", "ExperimentConfig", "TrainConfig", "read_yaml_mapping"]
 
 PRECISIONS = ("fp32", "bf16")
 
 
+class RegisteredModels:
+    """The ``--model`` choices: the model registry as it stands when the command line is parsed."""
+
+    def __contains__(self, name: object) -> bool:
+        from .models import list_models
+
+        return name in list_models()
+
+    def __iter__(self):
+        from .models import list_models
+
+        return iter(list_models())
+
+
 @dataclass
-class TrainConfig:
-    """The training recipe of one fold (spec section 3).
+class TrainConfig(ConfigFile):
+    """The training recipe of one fold (``docs/method/mmil.md`` §3).
 
     Attributes:
         epochs: maximum number of epochs.
@@ -54,65 +82,37 @@ class TrainConfig:
         progress: show progress bars (only on a terminal).
     """
 
-    epochs: int = 200
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    accumulate: int = 1
-    patience: int = 20
-    min_epochs: int = 50
-    class_weights: bool = False
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-    eval_repeats: int = 1
-    val_fraction: float = 0.15
-    standardize: bool | None = None
-    grad_clip: float | None = None
-    num_workers: int = 0
-    progress: bool = True
+    epochs: int = option(200, help="maximum epochs", type=POSITIVE_INT, metavar="N")
+    lr: float = option(2e-4, help="AdamW learning rate", type=POSITIVE_FLOAT)
+    weight_decay: float = option(1e-4, help="AdamW weight decay", type=NON_NEGATIVE_FLOAT, metavar="WD")
+    accumulate: int = option(1, help="bags per optimiser step (gradient accumulation)", type=POSITIVE_INT, metavar="N")
+    patience: int = option(20, help="epochs without a lower validation loss before stopping", type=POSITIVE_INT, metavar="N")
+    min_epochs: int = option(50, help="no early stopping before this epoch", type=NON_NEGATIVE_INT, metavar="N")
+    class_weights: bool = option(False, help="weight the loss by inverse class frequency")
+    seed: int = option(0, help="seed of the initial weights, the bag order and the stochastic passes", type=NON_NEGATIVE_INT)
+    device: str = option("cpu", help=DEVICE_HELP)
+    precision: str = option("fp32", help="fp32, or bf16 autocast for training and evaluation", choices=PRECISIONS)
+    eval_repeats: int = option(1, help="stochastic passes averaged for the validation loss", type=POSITIVE_INT, cli=False)
+    val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
+                                 type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
+    standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
+    grad_clip: float | None = option(None, help="clip the gradient norm to this value (null: off)", type=POSITIVE_FLOAT, cli=False)
+    num_workers: int = option(0, help="background workers reading bags", type=NON_NEGATIVE_INT, metavar="N")
+    progress: bool = option(True, help="show progress bars (on a terminal)")
 
     def __post_init__(self) -> None:
         self.check()
 
     def check(self) -> None:
-        """Raise :class:`MMILInputError` for values out of range."""
-        if self.epochs < 1:
-            raise MMILInputError(f"epochs must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise MMILInputError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise MMILInputError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.accumulate < 1:
-            raise MMILInputError(f"accumulate must be >= 1, got {self.accumulate}")
-        if self.patience < 1:
-            raise MMILInputError(f"patience must be >= 1, got {self.patience}")
-        if self.min_epochs < 0:
-            raise MMILInputError(f"min_epochs must be >= 0, got {self.min_epochs}")
+        """Coerce the fields to their types; raise :class:`MMILInputError` for values out of range."""
+        check_fields(self)
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.eval_repeats < 1:
-            raise MMILInputError(f"eval_repeats must be >= 1, got {self.eval_repeats}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise MMILInputError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise MMILInputError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
-        if self.num_workers < 0:
-            raise MMILInputError(f"num_workers must be >= 0, got {self.num_workers}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
-        kwargs = _typed_kwargs(cls, data, source)
-        try:
-            return cls(**kwargs)
-        except MMILInputError as err:
-            raise MMILInputError(f"{source}: {err}") from None
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(ConfigFile):
     """Everything needed to reproduce a cross-validation run from its directory.
 
     Attributes:
@@ -128,48 +128,19 @@ class ExperimentConfig:
         features, labels: the data the run used (recorded for reproduction).
     """
 
-    model: str = "mmil"
+    model: str = option("mmil", help="registered model: %(choices)s", choices=RegisteredModels())
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    folds: int = 5
-    repeats: int = 10
-    seed: int = 0
-    use_splits: bool = True
+    folds: int = option(5, help="k of stratified k-fold (ignored with a fixed split)", type=Range(int, 2), metavar="K")
+    repeats: int = option(10, help="R stochastic evaluations of each test fold, seeds seed..seed+R-1 (10 is the paper's protocol)",
+                          type=POSITIVE_INT, metavar="R")
+    seed: int = option(0, help="seed of folds, training and evaluation", type=NON_NEGATIVE_INT)
+    use_splits: bool = option(True, help="use the split or fold column of the label CSV when present", cli=False)
     features: str | None = None
     labels: str | None = None
 
     def __post_init__(self) -> None:
-        if self.folds < 2:
-            raise MMILInputError(f"folds must be >= 2, got {self.folds}")
-        if self.repeats < 1:
-            raise MMILInputError(f"repeats must be >= 1, got {self.repeats}")
-        if not isinstance(self.model_kwargs, dict):
-            raise MMILInputError(f"model_kwargs must be a mapping, got {type(self.model_kwargs).__name__}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ExperimentConfig":
-        if not isinstance(data, dict):
-            raise MMILInputError(f"{source}: the top level must be a mapping of options, got {type(data).__name__}")
-        data = dict(data)
-        train = data.pop("train", None) or {}
-        if not isinstance(train, dict):
-            raise MMILInputError(f"{source}: `train` must be a mapping, got {type(train).__name__}")
-        kwargs = _typed_kwargs(cls, data, source, skip=("train",))
-        train_cfg = TrainConfig.from_dict(train, f"{source} (train)")
-        try:
-            return cls(train=train_cfg, **kwargs)
-        except MMILInputError as err:
-            raise MMILInputError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        """Read a YAML (or JSON) config; unknown keys raise :class:`MMILInputError`."""
-        return cls.from_dict(read_yaml_mapping(path), str(path))
+        check_fields(self)
 
     def save(self, directory: str | Path) -> None:
         """Write ``config.yaml`` and ``config.json`` into ``directory`` (atomically)."""
@@ -179,88 +150,3 @@ class ExperimentConfig:
         d = self.to_dict()
         write_text(directory / "config.yaml", yaml.safe_dump(d, sort_keys=False))
         write_json(directory / "config.json", d)
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a ``--config`` YAML (or JSON) file holding a mapping of options.
-
-    Missing file, invalid YAML and a top level that is not a mapping each raise
-    :class:`MMILInputError` naming the file. An empty file is an empty mapping.
-    """
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise MMILInputError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0] if str(err) else "syntax error"
-        raise MMILInputError(f"{path}: not valid YAML ({first}); fix the file") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise MMILInputError(f"{path}: the top level must be a mapping of options, got {type(data).__name__}")
-    return data
-
-
-def _typed_kwargs(cls, data: dict[str, Any], source: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check ``data``'s keys against ``cls``'s fields and coerce values to the field types."""
-    if not isinstance(data, dict):
-        raise MMILInputError(f"{source}: expected a mapping of options, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    out = {}
-    for key, value in data.items():
-        if key not in names:
-            raise MMILInputError(f"{source}: unknown key {key!r}; valid keys: {', '.join(names + list(skip))}")
-        out[key] = _coerce(value, hints[key], f"{source}: {key}")
-    return out
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Coerce ``value`` to ``hint`` (int, float, bool, str, optional thereof, dict)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _coerce(value, a, where)
-            except MMILInputError as err:
-                errors.append(str(err))
-        raise MMILInputError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise MMILInputError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
-            return value.lower() in ("true", "yes", "on")
-        raise MMILInputError(f"{where}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise MMILInputError(f"{where}: expected an integer, got {value!r}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise MMILInputError(f"{where}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise MMILInputError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    if hint is float:
-        if isinstance(value, bool):
-            raise MMILInputError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise MMILInputError(f"{where}: expected a number, got {value!r}") from None
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise MMILInputError(f"{where}: expected text, got {value!r}")
-        return str(value)
-    return value

@@ -21,13 +21,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from mmpl.fsio import remove_stale_temp_files
+from mmpl.jsonio import nan_from_null, to_builtin, write_json, write_text
 
 from .config import ExperimentConfig, TrainConfig
 from .data.dataset import BagDataset
 from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
 from .errors import MMILInputError
-from .evaluate import METRIC_NAMES, json_safe, mean_std, predict_probs, predictions_csv, repeated_metrics
-from .io import remove_stale_temp_files, write_json, write_text
+from .evaluate import METRIC_NAMES, mean_std, predict_probs, predictions_csv, repeated_metrics, resolve_device
+from .plots import plot_roc
+from .options import differences
+from .rng import private_rng
 from .train import LAST_STATE_NAME, train_fold
 
 RESULT_NAME = "result.json"
@@ -142,20 +146,9 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``key: stored -> given`` for every setting that differs (nested keys dotted)."""
-    a, b = _flatten(_comparable(stored)), _flatten(_comparable(given))
-    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return differences(_comparable(stored), _comparable(given))
 
 
 def has_progress(out_dir: Path) -> bool:
@@ -194,6 +187,57 @@ def clear_run_directory(out_dir: Path, *, remove_dir: bool = False) -> None:
         out_dir.rmdir()
 
 
+def _check_model(dataset: BagDataset, model_name: str, kwargs: dict[str, Any]) -> None:
+    """Build the model once, so bad model options fail before anything is written."""
+    from .models import create_model
+
+    try:
+        with private_rng():
+            create_model(model_name, in_dim=dataset.in_dim, n_classes=dataset.n_classes, **kwargs)
+    except TypeError as err:
+        raise MMILInputError(f"{err}; check the model options") from None
+
+
+def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_splits: bool) -> list[FoldSplit]:
+    """The folds (see :func:`cross_validate`), checked for patient leakage and single-class training parts."""
+    plan = plan_folds(
+        dataset.labels,
+        k=folds,
+        seed=seed,
+        val_fraction=cfg.val_fraction,
+        groups=dataset.case_ids,
+        splits=dataset.splits if use_splits else None,
+        fold_ids=dataset.fold_ids if use_splits else None,
+    )
+    if dataset.case_ids is not None:
+        for fs in plan:
+            check_no_patient_leakage(dataset.case_ids, fs.train, fs.val, fs.test)
+    for fs in plan:
+        if len(np.unique(dataset.labels[fs.train])) < 2:
+            raise MMILInputError(f"fold {fs.fold}: the training part holds a single class; lower --folds or check the split")
+    return plan
+
+
+def _split_name(plan: list[FoldSplit], dataset: BagDataset, use_splits: bool) -> str:
+    if len(plan) == 1:
+        return "fixed"
+    if use_splits and dataset.fold_ids is not None:
+        return "predefined"
+    return "stratified-kfold" + ("-patient" if dataset.case_ids is not None else "")
+
+
+def _start_run_directory(out_dir: Path, experiment: ExperimentConfig, plan_json: list[dict[str, Any]], overwrite: bool) -> bool:
+    """Make ``out_dir`` ready (afresh with ``overwrite``) and write the experiment and its folds; returns whether it was created."""
+    created = not out_dir.exists()
+    if overwrite:
+        clear_run_directory(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out_dir)
+    experiment.save(out_dir)
+    write_json(out_dir / "folds.json", plan_json)
+    return created
+
+
 def cross_validate(
     dataset: BagDataset,
     model_name: str,
@@ -221,9 +265,8 @@ def cross_validate(
     input fails with nothing on disk. A directory holding a started run with
     other settings is refused, naming them, unless ``overwrite`` (which starts it
     afresh); a run that fails before any fold saved progress leaves nothing behind.
+    The caller's global torch RNG is left as it was.
     """
-    from .models import create_model
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MMILInputError(f"{out_dir}: exists and is not a directory; choose another --out")
@@ -231,25 +274,8 @@ def cross_validate(
     if repeats < 1:
         raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
     kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
-    try:
-        create_model(model_name, in_dim=dataset.in_dim, n_classes=dataset.n_classes, **kwargs)
-    except TypeError as err:
-        raise MMILInputError(f"{err}; check the model options") from None
-    plan = plan_folds(
-        dataset.labels,
-        k=folds,
-        seed=seed,
-        val_fraction=cfg.val_fraction,
-        groups=dataset.case_ids,
-        splits=dataset.splits if use_splits else None,
-        fold_ids=dataset.fold_ids if use_splits else None,
-    )
-    if dataset.case_ids is not None:
-        for fs in plan:
-            check_no_patient_leakage(dataset.case_ids, fs.train, fs.val, fs.test)
-    for fs in plan:
-        if len(np.unique(dataset.labels[fs.train])) < 2:
-            raise MMILInputError(f"fold {fs.fold}: the training part holds a single class; lower --folds or check the split")
+    _check_model(dataset, model_name, kwargs)
+    plan = _plan(dataset, cfg, folds, seed, use_splits)
     if experiment is None:
         experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits)
     plan_json = _fold_plan_json(plan, dataset.slide_ids)
@@ -258,33 +284,16 @@ def cross_validate(
         _check_same_run(out_dir, plan_json, experiment)
     if validate_data:
         dataset.validate(progress=cfg.progress)
-
-    created = not out_dir.exists()
-    if overwrite:
-        clear_run_directory(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    experiment.save(out_dir)
-    write_json(out_dir / "folds.json", plan_json)
-    header = {
-        "model": model_name,
-        "model_kwargs": kwargs,
-        "n_bags": len(dataset),
-        "n_classes": dataset.n_classes,
-        "class_names": dataset.class_names,
-        "repeats": repeats,
-        "seed": seed,
-        "split": "fixed" if len(plan) == 1 else ("predefined" if use_splits and dataset.fold_ids is not None else "stratified-kfold" + ("-patient" if dataset.case_ids is not None else "")),
-    }
+    created = _start_run_directory(out_dir, experiment, plan_json, overwrite)
+    header = {"model": model_name, "model_kwargs": kwargs, "n_bags": len(dataset), "n_classes": dataset.n_classes,
+              "class_names": dataset.class_names, "repeats": repeats, "seed": seed, "split": _split_name(plan, dataset, use_splits)}
     try:
         outcomes = [_run_fold(dataset, fs, model_name, kwargs, cfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
     except BaseException:
         if fresh and not has_progress(out_dir):  # nothing worth resuming: leave the directory as it was
             clear_run_directory(out_dir, remove_dir=created)
         raise
-    summary = json_safe(summarize(outcomes, header))
-    from .plots import plot_roc
-
+    summary = to_builtin(summarize(outcomes, header))
     plot_roc([o.y_true for o in outcomes], [o.probs for o in outcomes], out_dir / "roc.png", class_names=dataset.class_names, title=f"{model_name}: ROC, repeat-averaged test probabilities")
     write_json(out_dir / "metrics.json", summary)
     return CrossValResult(outcomes, summary, out_dir)
@@ -298,7 +307,8 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
     trained = train_fold(dataset.subset(fs.train), dataset.subset(fs.val), model_name, kwargs, cfg, fold_dir, extra={"fold": fs.fold})
     from .checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(trained.checkpoint_dir, map_location=_device(cfg))
+    with private_rng():  # building the model draws from the global RNG before the weights are loaded
+        model, _ = load_checkpoint(trained.checkpoint_dir, map_location=resolve_device(cfg.device))
     if trained.standardization is not None:
         test = test.with_standardization(*trained.standardization)
     probs_r = predict_probs(model, test, seed=seed, repeats=repeats, device=cfg.device, precision=cfg.precision, progress=False)
@@ -310,22 +320,16 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
         len(fs.train), len(fs.val), len(fs.test), trained.best_epoch, trained.epochs_run, trained.stopped_early,
     )
     write_text(fold_dir / "predictions.csv", predictions_csv(test.slide_ids, probs, test.labels))
-    record = json_safe(outcome.summary() | {"metrics": metrics, "slide_ids": test.slide_ids, "y_true": test.labels.tolist(), "probs": probs.tolist(), "probs_repeats": probs_r.tolist()})
+    record = to_builtin(outcome.summary() | {"metrics": metrics, "slide_ids": test.slide_ids, "y_true": test.labels.tolist(), "probs": probs.tolist(), "probs_repeats": probs_r.tolist()})
     write_json(result_path, record)
     (fold_dir / LAST_STATE_NAME).unlink(missing_ok=True)  # the fold is done; its resume state is dead weight
     return outcome
 
 
-def _device(cfg: TrainConfig):
-    from .evaluate import resolve_device
-
-    return resolve_device(cfg.device)
-
-
 def _load_outcome(path: Path, fold_dir: Path) -> FoldOutcome:
     try:
         r = json.loads(path.read_text())
-        metrics = _nan_back(r["metrics"])
+        metrics = nan_from_null(r["metrics"])
         return FoldOutcome(
             int(r["fold"]), metrics, float(r["train_seconds"]), list(r["slide_ids"]), np.asarray(r["y_true"], dtype=np.int64),
             np.asarray(r["probs"], dtype=np.float64), fold_dir / "checkpoint", int(r["n_train"]), int(r["n_val"]), int(r["n_test"]),
@@ -333,13 +337,3 @@ def _load_outcome(path: Path, fold_dir: Path) -> FoldOutcome:
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise MMILInputError(f"{path}: unreadable fold result ({err}); delete it to re-evaluate this fold") from None
-
-
-def _nan_back(obj):
-    if obj is None:
-        return float("nan")
-    if isinstance(obj, dict):
-        return {k: _nan_back(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_back(v) for v in obj]
-    return obj

@@ -1,6 +1,6 @@
 """Metrics, repeated stochastic evaluation and test-time ensembles.
 
-The paper's protocol (spec §1.9): a stochastic model (random grouping) is run R
+The paper's protocol (``docs/method/mmil.md`` §1.9): a stochastic model (random grouping) is run R
 times on the test set with seeds ``seed .. seed + R - 1``; the reported figure
 is the mean (here also the standard deviation) of each run's metric. Beside it
 we report the *test-time ensemble*: the metric of the probabilities averaged
@@ -11,18 +11,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from mmpl.device import resolve_device as _resolve_device
+from mmpl.jsonio import to_builtin as json_safe  # noqa: F401 - the one NaN policy (NaN -> None), under its old name
+from mmpl.progress import progress as _progress
 from torch import nn
 
 from .data.bags import Bag
 from .errors import MMILInputError
-from .models.base import MILOutput
+from .models.base import MILOutput, model_inputs
 
 METRIC_NAMES = ("auc", "accuracy", "balanced_accuracy", "f1")
 
@@ -105,33 +107,11 @@ def repeated_metrics(y_true: Sequence[int], probs_r: np.ndarray) -> dict[str, An
     return out
 
 
-def json_safe(obj: Any) -> Any:
-    """Replace NaN/inf floats by ``None`` (JSON has no NaN) recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.tolist())
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    return obj
-
-
 # ----------------------------------------------------------------- inference
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as given."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise MMILInputError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MMILInputError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
+def resolve_device(device: str | torch.device, option: str = "--device") -> torch.device:
+    """A device this machine has (:func:`mmpl.device.resolve_device`); a bad one raises
+    :class:`MMILInputError` naming ``option``."""
+    return _resolve_device(device, option, error=MMILInputError)
 
 
 def autocast(device: torch.device, precision: str):
@@ -142,17 +122,12 @@ def autocast(device: torch.device, precision: str):
 
 
 def forward_bag(model: nn.Module, bag: Bag, *, device: torch.device, seed: int | None, precision: str = "fp32", return_scores: bool = False) -> MILOutput:
-    """Run ``model`` on one bag (batch of one), passing coordinates and groups when the bag has them."""
+    """Run ``model`` on one bag (batch of one), passing the bag's coordinates, groups and ``seed`` to the models that read them."""
     x = bag.features.to(device, non_blocking=True).unsqueeze(0)
-    kwargs: dict[str, Any] = {"seed": seed}
-    if bag.coords is not None:
-        kwargs["coords"] = bag.coords.to(device).unsqueeze(0)
-    if bag.groups is not None:
-        kwargs["groups"] = bag.groups.to(device).unsqueeze(0)
-    if return_scores:
-        kwargs["return_scores"] = True
+    coords = None if bag.coords is None else bag.coords.to(device).unsqueeze(0)
+    groups = None if bag.groups is None else bag.groups.to(device).unsqueeze(0)
     with autocast(device, precision):
-        return model(x, None, **kwargs)
+        return model(x, None, return_scores=return_scores, **model_inputs(model, coords=coords, groups=groups, seed=seed))
 
 
 @torch.no_grad()
@@ -168,8 +143,6 @@ def predict_probs(
 ) -> np.ndarray:
     """Class probabilities ``(repeats, n_bags, n_classes)``; repeat ``r`` runs every
     bag with seed ``seed + r`` (model in eval mode: no dropout)."""
-    from tqdm.auto import tqdm
-
     if repeats < 1:
         raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
     dev = resolve_device(device)
@@ -177,7 +150,7 @@ def predict_probs(
     model.eval()
     out = None
     try:
-        for i in tqdm(range(len(dataset)), desc="predicting", disable=not (progress and sys.stderr.isatty()), leave=False):
+        for i in _progress(range(len(dataset)), progress, "predicting"):
             bag = dataset[i]
             for r in range(repeats):
                 p = forward_bag(model, bag, device=dev, seed=seed + r, precision=precision).probs[0].float().cpu().numpy()

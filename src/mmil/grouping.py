@@ -1,35 +1,29 @@
-"""Instances -> sub-bag ids: the grouping step of the MMIL-Transformer (spec §1.3).
+"""Instances -> sub-bag ids: the grouping step of the MMIL-Transformer (``docs/method/mmil.md §1.3``).
 
-Every function works on a padded batch and returns per-instance sub-bag ids of
+Every grouping works on a padded batch and gives per-instance sub-bag ids of
 shape ``(B, N)`` (int64): ``0 .. G-1`` for real instances, ``-1`` at padded (or
 dropped) positions. Mask convention: ``mask`` is bool ``(B, N)``, True = real.
+Randomness comes only from a :class:`torch.Generator` (``None``: torch's global
+RNG); the same generator state and inputs always give the same ids.
 
-Randomness comes only from the ``generator`` argument (a :class:`torch.Generator`
-on the tensors' device); with ``generator=None`` torch's global RNG is used. The
-same generator state and inputs always give the same ids.
-
-Modes (:data:`GROUPINGS`):
-
-* ``random``     -- :func:`random_groups`: uniform permutation cut into G chunks.
-* ``sequential`` -- :func:`sequential_groups`: stored order cut into G chunks.
-* ``embedding``  -- :func:`kmeans_groups` on the projected instance features.
-* ``coords``     -- :func:`kmeans_groups` on the (x, y) patch coordinates.
-* ``index``      -- :func:`index_groups`: precomputed labels, remapped to 0..m-1.
-
-Chunk sizes follow :func:`numpy.array_split`: for ``n`` instances and ``G`` chunks
-the first ``n mod G`` chunks hold ``n // G + 1`` instances, the others ``n // G``
-(so with ``n < G`` the last ``G - n`` chunks are empty).
-
-Two augmentations work on the ids afterwards: :func:`drop_subbags` (the paper's
-sub-bag masking) and :func:`cap_subbags` (the release's per-sub-bag size cap,
-off by default in our model).
+The modes are registered by name (:func:`register_grouping`, :func:`get_grouping`,
+:data:`GROUPINGS`) with one signature, ``(GroupingInputs) -> Grouping``: ``random``
+(:func:`random_groups`, a uniform permutation cut into G chunks), ``sequential``
+(:func:`sequential_groups`, stored order cut into G chunks), ``embedding`` and
+``coords`` (:func:`kmeans_groups` on the projected features / the patch
+coordinates) and ``index`` (:func:`index_groups`, precomputed labels -> 0..m-1).
+Chunk sizes follow :func:`numpy.array_split`: the first ``n mod G`` chunks hold
+``n // G + 1`` instances, the others ``n // G`` (with ``n < G`` the last ``G - n``
+are empty). Afterwards :func:`drop_subbags` (sub-bag masking) and
+:func:`cap_subbags` (the release's size cap, off by default) may thin the ids.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor
-
-GROUPINGS = ("random", "sequential", "embedding", "coords", "index")
 
 # Points of at most this many dimensions use the exact difference form of the
 # squared distance; wider ones the matmul expansion (memory B*N*G instead of B*N*G*P).
@@ -240,7 +234,7 @@ def kmeans_groups(points: Tensor, mask: Tensor, num_groups: int, iters: int = 10
 
 
 def drop_subbags(ids: Tensor, valid: Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Sub-bag masking (spec §1.7): keep ``r_b = max(1, int(m_b * (1 - mask_ratio)))``
+    """Sub-bag masking (``docs/method/mmil.md §1.7``): keep ``r_b = max(1, int(m_b * (1 - mask_ratio)))``
     of bag b's ``m_b`` sub-bags, chosen uniformly at random; the others vanish
     (their instances get id -1 and ``valid`` becomes False).
 
@@ -277,3 +271,129 @@ def cap_subbags(ids: Tensor, num_groups: int, max_size: int, generator: torch.Ge
     rank = torch.empty_like(slot)
     rank[order] = torch.arange(B * N, device=ids.device) - starts[slot[order]]
     return ids.masked_fill(rank.view(B, N) >= max_size, -1)
+
+
+# ------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class GroupingInputs:
+    """Everything a grouping may read (each reads what it needs): the ``(B, N)`` bool ``mask``,
+    G = ``num_groups`` (``index`` takes it from the labels), the projected ``features`` ``(B, N, D)``
+    (``embedding``), patch ``coords`` ``(B, N, 2)`` (``coords``), integer labels ``groups``
+    ``(B, N)`` (``index``; single bags may drop the batch axis), and ``generator`` (None: global RNG)."""
+
+    mask: Tensor
+    num_groups: int
+    features: Tensor | None = None
+    coords: Tensor | None = None
+    groups: Tensor | None = None
+    kmeans_iters: int = 10
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The result of every grouping.
+
+    ``ids`` ``(B, N)`` int64: the sub-bag of each instance, ``-1`` at pads. ``counts`` ``(B,)``
+    int64: the sub-bags of each bag, empty ones included (G; for ``index`` the number of labels).
+    """
+
+    ids: Tensor
+    counts: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``(B, max counts)`` bool: which sub-bag ids exist in each bag."""
+        width = int(self.counts.max())
+        return torch.arange(width, device=self.counts.device).view(1, -1) < self.counts.view(-1, 1)
+
+
+GroupingFn = Callable[[GroupingInputs], Grouping]
+
+
+@dataclass(frozen=True)
+class GroupingSpec:
+    """A registered grouping and the input it needs besides the mask (features, coords, groups or None)."""
+
+    name: str
+    fn: GroupingFn
+    needs: str | None = None
+
+
+_REGISTRY: dict[str, GroupingSpec] = {}
+
+
+def register_grouping(name: str, needs: str | None = None) -> Callable[[GroupingFn], GroupingFn]:
+    """Decorator registering ``fn(inputs: GroupingInputs) -> Grouping`` as grouping ``name``;
+    ``needs`` names the one input it reads besides the mask (features, coords, groups or None)."""
+
+    def wrap(fn: GroupingFn) -> GroupingFn:
+        if name in _REGISTRY:
+            raise ValueError(f"grouping {name!r} registered twice")
+        _REGISTRY[name] = GroupingSpec(name, fn, needs)
+        return fn
+
+    return wrap
+
+
+def list_groupings() -> tuple[str, ...]:
+    """Registered grouping names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_grouping(name: str) -> GroupingSpec:
+    """The grouping registered as ``name``; ``ValueError`` naming the known ones otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown grouping {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _same_count(ids: Tensor, num_groups: int) -> Grouping:
+    return Grouping(ids, torch.full((ids.shape[0],), int(num_groups), dtype=torch.long, device=ids.device))
+
+
+def _per_bag(value: Tensor | None, mask: Tensor, name: str, needed: str, trailing: tuple[int, ...] = ()) -> Tensor:
+    """A per-instance input as ``(B, N, *trailing)`` on the mask's device; ``ValueError`` if absent."""
+    if value is None:
+        raise ValueError(needed)
+    if value.dim() == 1 + len(trailing):
+        value = value.unsqueeze(0)
+    if trailing and value.shape[:2] != mask.shape:
+        raise ValueError(f"{name} must have shape {(*mask.shape, *trailing)}, got {tuple(value.shape)}")
+    return value.to(mask.device)
+
+
+@register_grouping("random")
+def _random(inputs: GroupingInputs) -> Grouping:
+    return _same_count(random_groups(inputs.mask, inputs.num_groups, inputs.generator), inputs.num_groups)
+
+
+@register_grouping("sequential")
+def _sequential(inputs: GroupingInputs) -> Grouping:
+    return _same_count(sequential_groups(inputs.mask, inputs.num_groups), inputs.num_groups)
+
+
+@register_grouping("embedding", needs="features")
+def _embedding(inputs: GroupingInputs) -> Grouping:
+    if inputs.features is None:
+        raise ValueError("grouping='embedding' needs the projected features")
+    ids = kmeans_groups(inputs.features, inputs.mask, inputs.num_groups, inputs.kmeans_iters, inputs.generator)
+    return _same_count(ids, inputs.num_groups)
+
+
+@register_grouping("coords", needs="coords")
+def _coords(inputs: GroupingInputs) -> Grouping:
+    needed = "grouping='coords' needs patch coordinates: pass coords (B, N, 2) or use another grouping"
+    coords = _per_bag(inputs.coords, inputs.mask, "coords", needed, trailing=(2,))
+    ids = kmeans_groups(coords, inputs.mask, inputs.num_groups, inputs.kmeans_iters, inputs.generator)
+    return _same_count(ids, inputs.num_groups)
+
+
+@register_grouping("index", needs="groups")
+def _index(inputs: GroupingInputs) -> Grouping:
+    needed = "grouping='index' needs precomputed group labels: pass groups (B, N) or use another grouping"
+    ids, counts = index_groups(_per_bag(inputs.groups, inputs.mask, "groups", needed), inputs.mask)
+    return Grouping(ids, counts)
+
+
+GROUPINGS = list_groupings()  # the built-in modes: random, sequential, embedding, coords, index

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_path
+from mmpl.fsio import atomic_path
 
 
 def plot_roc(

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .data.bags import pad_bags
 from .errors import MMILInputError
+from .models.base import model_inputs
 
 
 class FixedGroupingLogits(nn.Module):
@@ -39,7 +40,7 @@ class FixedGroupingLogits(nn.Module):
         # The fused CPU/GPU attention kernels have no double backward; Hessian-vector
         # products need it, so attention runs on the (exact, slower) math path here.
         with sdpa_kernel(SDPBackend.MATH):
-            return self.model(x, mask, seed=self.seed).logits
+            return self.model(x, mask, **model_inputs(self.model, seed=self.seed)).logits
 
 
 def bag_batches(dataset, bags_per_batch: int = 1, indices: Sequence[int] | None = None) -> list[tuple[tuple[Tensor, Tensor], Tensor]]:
@@ -95,21 +96,21 @@ def prune_limit(
     """Predict (SLQ + Gaussian width) and measure (one-shot global magnitude) the pruning limit.
 
     epsilon is the std of the per-batch training loss (batches of ``bags_per_batch``
-    bags); the spectrum is that of the mean training loss over all bags; the actual
-    threshold is the first-drop threshold of test accuracy with ``tolerance``.
+    bags); the spectrum is that of the mean training loss over all bags; the prediction and its
+    LOMP-regime check are ``prunelimit.predict_limit``'s; the actual threshold is the
+    first-drop threshold of test accuracy with ``tolerance``.
     The model's weights are unchanged on return.
     """
     import prunelimit as pl
-    from prunelimit.geometry import lomp_regime
-    from prunelimit.params import weights_vector
 
     net = FixedGroupingLogits(model, seed=seed).eval()
     loss_fn = nn.CrossEntropyLoss()
     train = bag_batches(train_dataset, bags_per_batch)
     test = bag_batches(test_dataset, bags_per_batch)
     eps = pl.loss_epsilon(net, loss_fn, train, progress=progress)
-    spectrum = pl.slq(net, loss_fn, train, num_steps=lanczos_steps, num_probes=num_probes, seed=seed, progress=progress)
-    prediction = pl.predict_threshold(net, eps, spectrum)
+    op = pl.hessian_operator(net, loss_fn, train, progress=progress)
+    spectrum = pl.slq(op, num_steps=lanczos_steps, num_probes=num_probes, seed=seed, progress=progress)
+    prediction = pl.predict_limit(net, eps, spectrum)
 
     def eval_fn(m: nn.Module) -> tuple[float, float]:
         correct, loss_sum, n = 0, 0.0, 0
@@ -121,16 +122,15 @@ def prune_limit(
         return correct / n, loss_sum / n
 
     search = pl.actual_threshold(net, eval_fn, tolerance=tolerance, progress=progress)
-    regime = lomp_regime(weights_vector(net), prediction.predicted_ratio)
     return PruneLimitResult(
         predicted_ratio=float(prediction.predicted_ratio),
         actual_ratio=float(search.threshold),
         dense_accuracy=float(search.dense_accuracy),
         epsilon=float(eps),
-        num_prunable=int(sum(p.numel() for p in pl.prunable_parameters(net))),
+        num_prunable=int(prediction.dim),
         lanczos_steps=int(spectrum.nodes.shape[1]),
         num_probes=int(spectrum.nodes.shape[0]),
-        near_zero_fraction=regime.near_zero_fraction,
-        regime=regime.message,
+        near_zero_fraction=prediction.near_zero_fraction,
+        regime=prediction.lomp_message,
         curve=list(zip(search.ratios, search.accuracies, search.losses)),
     )

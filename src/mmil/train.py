@@ -1,4 +1,4 @@
-"""The one training loop: any registered MIL model, one fold (spec §3).
+"""The one training loop: any registered MIL model, one fold (``docs/method/mmil.md`` §3).
 
 Recipe: cross-entropy on bag labels via ``model.loss`` (so auxiliary losses of
 DSMIL/CLAM count), AdamW, one bag per forward pass with optional gradient
@@ -14,17 +14,15 @@ always carves a validation set from each training fold.
 Reproducibility and resumption: every random choice is a pure function of
 ``(seed, epoch, step)``: the initial weights (``seed``), the bag order of an
 epoch, the global torch RNG (re-seeded at the start of every epoch, for
-dropout) and the ``seed`` passed to each forward pass (grouping, masking). So
-the state saved after each epoch (``last_state.safetensors``: model and
-optimizer tensors, the rest as JSON metadata in the same file, written
-atomically) is all a resumed run needs to continue exactly where an
-interrupted one stopped: same seed -> same weights, killed or not.
+dropout, on a private copy that is restored when the fold returns) and the
+``seed`` passed to each forward pass (grouping, masking). So the state saved
+after each epoch (:mod:`mmil.train_state`) is all a resumed run needs to
+continue exactly where an interrupted one stopped: same seed -> same weights,
+killed or not.
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,22 +30,28 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from mmpl.jsonio import write_json
+from mmpl.progress import progress, progress_bar
 from torch import nn
 
 from .checkpoint import WEIGHTS_NAME, save_checkpoint
 from .config import TrainConfig
 from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
-from .evaluate import classification_metrics, forward_bag, json_safe, predict_probs, resolve_device
-from .io import atomic_path, write_text
+from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
+from .rng import private_rng, seed_global_rng
+from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
+    LAST_STATE_NAME,
+    RESUMABLE_CHANGES,
+    check_fingerprint,
+    fingerprint,
+    load_last_state,
+    restore,
+    save_last_state,
+)
 
-LAST_STATE_NAME = "last_state.safetensors"
 CHECKPOINT_DIRNAME = "checkpoint"
-#: Options that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers")
 
 
 @dataclass
@@ -139,55 +143,154 @@ def _identity(items):
     return items
 
 
-def _fingerprint(model_name: str, model_kwargs: dict, cfg: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict[str, Any]:
-    recipe = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-    return json.loads(json.dumps({"model": model_name, "model_kwargs": model_kwargs, "train": recipe, "train_ids": train_ids, "val_ids": val_ids}, default=str))
+def _skip_loader_draws(count: int = 2) -> None:
+    """Advance the global RNG past the DataLoader base seeds earlier versions drew from it.
+
+    Each DataLoader iterator draws one int64 base seed from its generator. The loader of an
+    epoch has its own generator, so how many iterators a progress bar opens (tqdm's asyncio
+    wrapper opens one of its own) no longer moves the dropout stream; earlier versions drew
+    two base seeds from the global RNG per epoch, and skipping them keeps every seed's
+    weights what they were.
+    """
+    for _ in range(count):
+        torch.empty((), dtype=torch.int64).random_()
 
 
-def _save_last_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], standardization) -> None:
-    """Model + optimizer tensors and JSON metadata in one safetensors file, atomically."""
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim/{pid}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    if standardization is not None:
-        tensors["standardize/mean"] = torch.from_numpy(standardization[0])
-        tensors["standardize/std"] = torch.from_numpy(standardization[1])
-    meta = dict(meta, optimizer_param_groups=opt["param_groups"], optimizer_scalars=scalars)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+@dataclass
+class _FoldState:
+    """What the epochs change, and the resume state restores."""
+
+    stopper: EarlyStopping
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 1
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    standardization: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def _load_last_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
+class _FoldTrainer:
+    """One fold's model, optimizer and state; :meth:`run` trains it epoch by epoch (see :func:`train_fold`)."""
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["state"])
-        tensors = load_file(str(path))
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-        raise MMILInputError(f"{path}: unreadable resume state ({err}); delete it to restart this fold from scratch") from None
-    return tensors, meta
+    def __init__(self, dataset_train: BagDataset, dataset_val: BagDataset | None, model_name: str, model_kwargs: dict[str, Any],
+                 cfg: TrainConfig, out_dir: Path, device: torch.device, extra: dict[str, Any] | None):
+        self.train_set, self.val_set, self.model_name, self.cfg, self.device = dataset_train, dataset_val, model_name, cfg, device
+        self.state_path, self.ckpt_dir = out_dir / LAST_STATE_NAME, out_dir / CHECKPOINT_DIRNAME
+        self.weights = class_weight_vector(dataset_train.labels, dataset_train.n_classes) if cfg.class_weights else None
+        kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
+        seed_global_rng(cfg.seed, device)
+        try:
+            self.model = create_model(model_name, in_dim=dataset_train.in_dim, n_classes=dataset_train.n_classes, **kwargs)
+        except TypeError as err:
+            raise MMILInputError(f"{err}; check the model options") from None
+        self.full_kwargs = dict(self.model.init_kwargs)
+        self.model.to(device)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        val_ids = [] if dataset_val is None else dataset_val.slide_ids
+        self.fingerprint = fingerprint(model_name, self.full_kwargs, cfg, dataset_train.slide_ids, val_ids)
+        self.monitor = "val_loss" if dataset_val is not None else "train_loss"
+        self.state = self._resume_or_start()
+        self.extra = extra
 
+    def _resume_or_start(self) -> _FoldState:
+        """The saved state of an interrupted run (after checking it is this run's), or a fresh one."""
+        cfg = self.cfg
+        if not self.state_path.is_file():
+            standardization = feature_moments(self.train_set) if resolve_standardize(cfg, self.train_set) else None
+            return _FoldState(EarlyStopping(cfg.patience, cfg.min_epochs), standardization=standardization)
+        tensors, meta = load_last_state(self.state_path)
+        check_fingerprint(self.state_path, meta, self.fingerprint)
+        if not (self.ckpt_dir / WEIGHTS_NAME).is_file():
+            raise MMILInputError(f"{self.ckpt_dir}: best checkpoint missing beside the resume state; delete {self.state_path} to restart this fold")
+        restore(self.model, self.optimizer, tensors, meta, self.state_path)
+        standardization = (tensors["standardize/mean"].numpy(), tensors["standardize/std"].numpy()) if "standardize/mean" in tensors else None
+        return _FoldState(EarlyStopping(cfg.patience, cfg.min_epochs, **meta["early_stopping"]), list(meta["history"]),
+                          int(meta["epoch"]) + 1, float(meta["train_seconds"]), bool(meta["stopped_early"]), standardization)
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
-    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    if missing or unexpected:
-        raise MMILInputError(f"{path}: resume state does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); delete it to restart")
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, key = k.split("/", 2)
-            state.setdefault(int(pid), {})[key] = v
-    for pid, scalars in meta.get("optimizer_scalars", {}).items():
-        state.setdefault(int(pid), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    def result(self) -> FoldTrainResult:
+        s = self.state
+        return FoldTrainResult(self.ckpt_dir, s.stopper.best_epoch, s.start_epoch - 1, s.train_seconds, s.history, s.stopped_early,
+                               s.stopper.best_loss, self.monitor, s.standardization)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training bags in the epoch's order; returns the epoch's training loss and accuracy."""
+        cfg, model, optimizer, n = self.cfg, self.model, self.optimizer, len(self.train_set)
+        seed_global_rng(derived_seed(cfg.seed, epoch, 1), self.device)  # dropout
+        order = np.random.default_rng(derived_seed(cfg.seed, epoch, 2)).permutation(n)
+        loader = torch.utils.data.DataLoader(self.train_set, batch_size=None, sampler=order.tolist(), num_workers=cfg.num_workers,
+                                             collate_fn=_identity, generator=torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 5)))
+        _skip_loader_draws()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        losses, correct = [], 0
+        for step, bag in enumerate(progress(loader, cfg.progress, f"epoch {epoch}", total=n)):
+            group_start = (step // cfg.accumulate) * cfg.accumulate
+            group_size = min(cfg.accumulate, n - group_start)
+            out = forward_bag(model, bag, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
+            loss = model.loss(out, torch.tensor([bag.label], device=self.device), self.weights)
+            if not torch.isfinite(loss):
+                raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
+            (loss / group_size).backward()
+            if step - group_start + 1 == group_size:
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            correct += int(out.logits.argmax(-1).item() == bag.label)
+        return {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": correct / n}
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss (of the probabilities averaged over ``eval_repeats`` seeded passes), AUC and accuracy."""
+        cfg, val = self.cfg, self.val_set
+        probs = predict_probs(self.model, val, seed=derived_seed(cfg.seed, 4), repeats=cfg.eval_repeats, device=self.device, precision=cfg.precision).mean(0)
+        m = classification_metrics(val.labels, probs)
+        loss = nll_of_probs(probs, val.labels, None if self.weights is None else self.weights.numpy())
+        return {"val_loss": loss, "val_auc": m["auc"], "val_accuracy": m["accuracy"]}
+
+    def end_epoch(self, epoch: int, record: dict[str, Any], ckpt_extra: dict[str, Any]) -> None:
+        """Keep the best model, decide on early stopping and save the resume state."""
+        s, monitored = self.state, record[self.monitor]
+        s.history.append(record)
+        if s.stopper.update(epoch, monitored):
+            save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}))
+        s.stopped_early = s.stopper.should_stop(epoch)
+        s.start_epoch = epoch + 1
+        meta = {"fingerprint": self.fingerprint, "epoch": epoch, "train_seconds": s.train_seconds, "history": s.history,
+                "stopped_early": s.stopped_early, "early_stopping": s.stopper.to_dict()}
+        save_last_state(self.state_path, self.model, self.optimizer, meta, s.standardization)
+
+    def run(self, callback: Callable[[dict[str, Any]], None] | None) -> FoldTrainResult:
+        s, cfg = self.state, self.cfg
+        if s.stopped_early or s.start_epoch > cfg.epochs:
+            return self.result()
+        std = s.standardization
+        if std is not None:
+            self.train_set = self.train_set.with_standardization(*std)
+            self.val_set = None if self.val_set is None else self.val_set.with_standardization(*std)
+        ckpt_extra = {"train": cfg.to_dict(), "class_names": self.train_set.class_names, "monitor": self.monitor,
+                      "standardize": None if std is None else {"mean": std[0].tolist(), "std": std[1].tolist()}, **(self.extra or {})}
+        bar = progress_bar(cfg.progress, cfg.epochs, f"training {self.model_name}")
+        if bar is not None:
+            bar.update(s.start_epoch - 1)
+        for epoch in range(s.start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            record = self.train_epoch(epoch)
+            if self.val_set is not None:
+                record.update(self.validate())
+            s.train_seconds += time.perf_counter() - t0
+            record["seconds"] = time.perf_counter() - t0
+            self.end_epoch(epoch, record, ckpt_extra)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_auc") and v is not None and not math.isnan(v)})
+            if callback is not None:
+                callback(record)
+            if s.stopped_early:
+                break
+        if bar is not None:
+            bar.close()
+        write_json(self.state_path.parent / "history.json", s.history, indent=1)
+        return self.result()
 
 
 def train_fold(
@@ -208,131 +311,17 @@ def train_fold(
     change). A run that stopped early, or reached ``cfg.epochs``, returns its
     result without training. ``callback(record)`` is called after each epoch,
     once its state is saved. ``extra`` is stored in the checkpoint config.
+    Torch's global RNG is seeded on a private copy: the caller's state is left as it was.
     """
     out_dir = Path(out_dir)
     dataset_train.require_labels("training")
-    n_classes = dataset_train.n_classes
     if dataset_val is not None and len(dataset_val) == 0:
         dataset_val = None
     if dataset_val is not None:
         _check_labelled(dataset_val)
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
     device = resolve_device(cfg.device)
-    weights = class_weight_vector(dataset_train.labels, n_classes) if cfg.class_weights else None
-
-    torch.manual_seed(cfg.seed)
-    try:
-        model = create_model(model_name, in_dim=dataset_train.in_dim, n_classes=n_classes, **kwargs)
-    except TypeError as err:
-        raise MMILInputError(f"{err}; check the model options") from None
-    full_kwargs = dict(getattr(model, "init_kwargs", None) or {"in_dim": dataset_train.in_dim, "n_classes": n_classes, **kwargs})
-    model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopper = EarlyStopping(cfg.patience, cfg.min_epochs)
-    history: list[dict[str, Any]] = []
-    start_epoch, train_seconds, stopped_early = 1, 0.0, False
-    standardization = None
-    fingerprint = _fingerprint(model_name, full_kwargs, cfg, dataset_train.slide_ids, [] if dataset_val is None else dataset_val.slide_ids)
-
-    state_path = out_dir / LAST_STATE_NAME
-    ckpt_dir = out_dir / CHECKPOINT_DIRNAME
-    if state_path.is_file():
-        tensors, meta = _load_last_state(state_path)
-        if meta.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in fingerprint if meta.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise MMILInputError(f"{state_path}: written by a run with other settings (differs in: {', '.join(changed)}); use a fresh output directory or delete it to restart")
-        if not (ckpt_dir / WEIGHTS_NAME).is_file():
-            raise MMILInputError(f"{ckpt_dir}: best checkpoint missing beside the resume state; delete {state_path} to restart this fold")
-        _restore(model, optimizer, tensors, meta, state_path)
-        if "standardize/mean" in tensors:
-            standardization = (tensors["standardize/mean"].numpy(), tensors["standardize/std"].numpy())
-        start_epoch = int(meta["epoch"]) + 1
-        train_seconds = float(meta["train_seconds"])
-        history = list(meta["history"])
-        stopped_early = bool(meta["stopped_early"])
-        stopper = EarlyStopping(cfg.patience, cfg.min_epochs, **meta["early_stopping"])
-    elif resolve_standardize(cfg, dataset_train):
-        standardization = feature_moments(dataset_train)
-    monitor = "val_loss" if dataset_val is not None else "train_loss"
-
-    def result() -> FoldTrainResult:
-        return FoldTrainResult(ckpt_dir, stopper.best_epoch, start_epoch - 1, train_seconds, history, stopped_early, stopper.best_loss, monitor, standardization)
-
-    if stopped_early or start_epoch > cfg.epochs:
-        return result()
-
-    if standardization is not None:
-        dataset_train = dataset_train.with_standardization(*standardization)
-        dataset_val = None if dataset_val is None else dataset_val.with_standardization(*standardization)
-    ckpt_extra = {
-        "train": cfg.to_dict(),
-        "class_names": dataset_train.class_names,
-        "standardize": None if standardization is None else {"mean": standardization[0].tolist(), "std": standardization[1].tolist()},
-        "monitor": monitor,
-        **(extra or {}),
-    }
-
-    from tqdm.auto import tqdm
-
-    show = cfg.progress and sys.stderr.isatty()
-    n = len(dataset_train)
-    epoch_bar = tqdm(range(start_epoch, cfg.epochs + 1), initial=start_epoch - 1, total=cfg.epochs, desc=f"training {model_name}", disable=not show, leave=False)
-    for epoch in epoch_bar:
-        t0 = time.perf_counter()
-        torch.manual_seed(derived_seed(cfg.seed, epoch, 1))
-        order = np.random.default_rng(derived_seed(cfg.seed, epoch, 2)).permutation(n)
-        loader = torch.utils.data.DataLoader(dataset_train, batch_size=None, sampler=order.tolist(), num_workers=cfg.num_workers, collate_fn=_identity)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        losses, correct = [], 0
-        for step, bag in enumerate(tqdm(loader, total=n, desc=f"epoch {epoch}", disable=not show, leave=False)):
-            group_start = (step // cfg.accumulate) * cfg.accumulate
-            group_size = min(cfg.accumulate, n - group_start)
-            out = forward_bag(model, bag, device=device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
-            target = torch.tensor([bag.label], device=device)
-            loss = model.loss(out, target, weights)
-            if not torch.isfinite(loss):
-                raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
-            (loss / group_size).backward()
-            if step - group_start + 1 == group_size:
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            correct += int(out.logits.argmax(-1).item() == bag.label)
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": correct / n}
-        if dataset_val is not None:
-            probs = predict_probs(model, dataset_val, seed=derived_seed(cfg.seed, 4), repeats=cfg.eval_repeats, device=device, precision=cfg.precision).mean(0)
-            w = None if weights is None else weights.numpy()
-            record["val_loss"] = nll_of_probs(probs, dataset_val.labels, w)
-            m = classification_metrics(dataset_val.labels, probs)
-            record["val_auc"], record["val_accuracy"] = m["auc"], m["accuracy"]
-        monitored = record[monitor]
-        train_seconds += time.perf_counter() - t0
-        record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        if stopper.update(epoch, monitored):
-            save_checkpoint(ckpt_dir, model, model_name, full_kwargs, dict(ckpt_extra, epoch=epoch, **{monitor: monitored}))
-        stopped_early = stopper.should_stop(epoch)
-        start_epoch = epoch + 1
-        meta = {
-            "fingerprint": fingerprint,
-            "epoch": epoch,
-            "train_seconds": train_seconds,
-            "history": history,
-            "stopped_early": stopped_early,
-            "early_stopping": stopper.to_dict(),
-        }
-        _save_last_state(state_path, model, optimizer, meta, standardization)
-        epoch_bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_auc") and v is not None and not math.isnan(v)})
-        if callback is not None:
-            callback(record)
-        if stopped_early:
-            break
-    epoch_bar.close()
-    write_text(out_dir / "history.json", json.dumps(json_safe(history), indent=1) + "\n")
-    return result()
+    with private_rng(device=device):
+        return _FoldTrainer(dataset_train, dataset_val, model_name, model_kwargs, cfg, out_dir, device, extra).run(callback)
 
 
 def _check_labelled(ds: BagDataset) -> None:

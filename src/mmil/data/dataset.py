@@ -187,11 +187,9 @@ class BagDataset(Dataset):
 
     def validate(self, progress: bool = False) -> None:
         """Read every bag once so bad files fail now, not in the middle of training."""
-        import sys
+        from mmpl.progress import progress as _progress
 
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(len(self)), desc="checking bags", disable=not (progress and sys.stderr.isatty()), leave=False):
+        for i in _progress(range(len(self)), progress, "checking bags"):
             self[i]
 
     def num_instances(self) -> np.ndarray:

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mmpl.fsio import atomic_path
+from mmpl.jsonio import write_text
+from mmpl.progress import progress as _progress
 
 from ..errors import MMILInputError
-from ..io import atomic_path, write_text
 from .bags import Bag
 
 N_TISSUE_TYPES = 4
@@ -134,6 +136,15 @@ def _slide_plan(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float,
     return plan
 
 
+def _slides(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int):
+    """``(slide_id, case_id, label, features, coords, tumour mask)`` of every slide, in order (``spec`` checked first)."""
+    spec.check()
+    prototypes, direction = _dataset_constants(seed, spec.in_dim)
+    for sid, case, label, n, rng in _slide_plan(n_slides, seed, spec, positive_rate, slides_per_case):
+        feats, coords, tumour = synthetic_slide(rng, n, bool(label), spec, prototypes, direction)
+        yield sid, case, label, feats, coords, tumour
+
+
 def synthetic_bags(
     n_slides: int = 20,
     seed: int = 0,
@@ -153,11 +164,8 @@ def synthetic_bags(
     tumour indicator of each bag.
     """
     spec = SynthSpec(in_dim, min_instances, max_instances, tuple(positive_fraction), signal)
-    spec.check()
-    prototypes, direction = _dataset_constants(seed, in_dim)
     bags, truth = [], []
-    for sid, case, label, n, rng in _slide_plan(n_slides, seed, spec, positive_rate, slides_per_case):
-        feats, coords, tumour = synthetic_slide(rng, n, bool(label), spec, prototypes, direction)
+    for sid, case, label, feats, coords, tumour in _slides(n_slides, seed, spec, positive_rate, slides_per_case):
         bags.append(Bag(sid, torch.from_numpy(feats), label, torch.from_numpy(coords.astype(np.float32)), None, case))
         truth.append(tumour)
     return (bags, truth) if return_instance_labels else bags
@@ -184,7 +192,6 @@ def write_synthetic_dataset(
     Each file is written atomically; ``labels.csv`` last. Returns ``out_dir``.
     """
     import h5py
-    from tqdm.auto import tqdm
 
     spec = SynthSpec(in_dim, min_instances, max_instances, tuple(positive_fraction), signal)
     spec.check()
@@ -197,11 +204,9 @@ def write_synthetic_dataset(
     out_dir = Path(out_dir)
     feat_dir = out_dir / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
-    prototypes, direction = _dataset_constants(seed, in_dim)
-    plan = _slide_plan(n_slides, seed, spec, positive_rate, slides_per_case)
     rows = []
-    for sid, case, label, n, rng in tqdm(plan, desc="synthetic slides", disable=not progress):
-        feats, coords, tumour = synthetic_slide(rng, n, bool(label), spec, prototypes, direction)
+    slides = _slides(n_slides, seed, spec, positive_rate, slides_per_case)
+    for sid, case, label, feats, coords, tumour in _progress(slides, progress, "synthetic slides", total=n_slides):
         with atomic_path(feat_dir / f"{sid}.h5") as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("features", data=feats)

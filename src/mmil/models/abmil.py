@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, as_padded_batch
-from .layers import AttentionScorer, embedding_layer, masked_softmax, zero_pads
+from .base import MILModel, MILOutput
+from .layers import AttentionScorer, embedding_layer, masked_softmax
 from .registry import register_model
 
 
@@ -26,15 +26,13 @@ class ABMIL(MILModel):
     """
 
     def __init__(self, in_dim: int, n_classes: int, embed_dim: int = 512, attn_dim: int = 128, gated: bool = False, dropout: float = 0.25, attn_dropout: float = 0.0) -> None:
-        super().__init__()
-        self.in_dim, self.n_classes = in_dim, n_classes
+        # ``gated`` is fixed by the registered name ("abmil" / "abmil-gated"), so it is not a rebuild argument.
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, attn_dropout=attn_dropout)
         self.embed = embedding_layer(in_dim, embed_dim, dropout)
         self.attention = AttentionScorer(embed_dim, attn_dim, gated=gated, attn_dropout=attn_dropout)
         self.head = nn.Linear(embed_dim, n_classes)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
-        x, mask = as_padded_batch(x, mask)
-        h = zero_pads(self.embed(zero_pads(x, mask)), mask)
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> MILOutput:
         weights = masked_softmax(self.attention(h), mask)  # (B, N)
         logits = self.head((weights.unsqueeze(-1) * h).sum(dim=1))
         return MILOutput(logits=logits, instance_scores=weights if return_scores else None)

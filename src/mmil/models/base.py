@@ -6,21 +6,37 @@ Conventions (one for the whole package):
   ``mask`` of shape ``(B, N)``; ``True`` marks a real instance (the convention of
   :func:`torch.nn.functional.scaled_dot_product_attention`). ``mask=None`` means
   every instance is real. A single bag may be given as ``(N, C)``.
-* ``forward`` always returns a :class:`MILOutput`, whatever flags are set, so the
-  arity of the result never changes.
-* Instance scores (the input to heatmaps) are computed only when
-  ``return_scores=True``; they are ``(B, N)`` with zeros at padded positions.
-* ``loss(output, target)`` is cross-entropy on the bag logits plus whatever
-  auxiliary loss the model defines (DSMIL's instance loss, CLAM's clustering loss).
+  :func:`mask_to_bias` is the one way to turn such a mask into an additive bias.
+* Three steps, as in timm: :meth:`MILModel.forward_features` gives per-instance
+  embeddings ``(B, N, D)``, :meth:`MILModel.forward_head` pools them into bag
+  logits (and instance scores, the input to heatmaps, when asked), and
+  ``forward`` chains the two. :meth:`MILModel.instance_scores` returns the scores alone.
+* ``forward`` always returns a :class:`MILOutput` (a family may return a subclass
+  with typed fields its :meth:`~MILModel.loss` reads), whatever flags are set, so
+  the arity of the result never changes.
+* Instance scores are computed only when ``return_scores=True``; they are
+  ``(B, N)`` with zeros at padded positions.
+* Per-bag inputs besides ``x`` and ``mask`` (patch ``coords``, precomputed
+  ``groups``, a random ``seed``) are keyword arguments of ``forward`` only for the
+  models that read them, and :attr:`MILModel.inputs` lists them; callers holding a
+  bag pass them through :func:`model_inputs`, never to a model that ignores them.
+* ``loss(output, target)`` is cross-entropy on the bag logits, or the family's own
+  objective (DSMIL's two streams, CLAM's instance clustering).
+* ``init_kwargs`` holds the constructor arguments that rebuild the model through
+  its registered builder (what a checkpoint's ``config.json`` stores).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import zero_pads
+
+BAG_INPUTS = ("coords", "groups", "seed")
 
 
 @dataclass
@@ -31,13 +47,10 @@ class MILOutput:
         logits: ``(B, n_classes)`` bag logits.
         instance_scores: ``(B, N)`` per-instance importance, or ``None`` unless
             ``return_scores=True`` was passed. Zero at padded positions.
-        extras: model-specific tensors needed by :meth:`MILModel.loss`
-            (e.g. instance logits); never needed by callers.
     """
 
     logits: Tensor
     instance_scores: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def probs(self) -> Tensor:
@@ -89,29 +102,60 @@ def masked_fill_scores(scores: Tensor, mask: Tensor) -> Tensor:
     return scores.masked_fill(~mask, 0.0)
 
 
+def model_inputs(model: nn.Module, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None) -> dict[str, Any]:
+    """The per-bag keyword inputs ``model`` reads (its :attr:`MILModel.inputs`), from what the caller holds.
+
+    ``model(x, mask, **model_inputs(model, coords=c, groups=g, seed=s))`` is how a caller
+    that has a bag's coordinates, groups and a seed runs any model.
+    """
+    available = {"coords": coords, "groups": groups, "seed": seed}
+    return {name: available[name] for name in model.inputs}
+
+
 class MILModel(nn.Module):
-    """Base class: subclasses implement :meth:`forward`; :meth:`loss` may be extended.
+    """Base class of the MIL models.
+
+    Subclasses implement :meth:`forward_head`, and :meth:`forward_features` unless
+    their instance embedding is a module or method called ``embed``; a model that
+    reads per-bag inputs overrides ``forward`` with them as keyword arguments and
+    lists them in :attr:`inputs`. :meth:`loss` may be extended.
 
     Constructor arguments shared by all families (where they apply):
     ``in_dim``, ``n_classes``, ``embed_dim``, ``heads``, ``dropout``, ``attn_dropout``.
     """
 
-    in_dim: int
-    n_classes: int
+    inputs: tuple[str, ...] = ()
+    """Per-bag keyword inputs of ``forward`` besides ``x`` and ``mask`` (a subset of :data:`BAG_INPUTS`)."""
 
-    def forward(  # pragma: no cover - interface
-        self,
-        x: Tensor,
-        mask: Tensor | None = None,
-        *,
-        coords: Tensor | None = None,
-        groups: Tensor | None = None,
-        seed: int | None = None,
-        return_scores: bool = False,
-    ) -> MILOutput:
+    def __init__(self, in_dim: int, n_classes: int, **options: Any) -> None:
+        super().__init__()
+        self.in_dim, self.n_classes = int(in_dim), int(n_classes)
+        self.init_kwargs: dict[str, Any] = {"in_dim": self.in_dim, "n_classes": self.n_classes, **options}
+
+    def forward_features(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Instance embeddings ``(B, N, D)`` of a padded batch: ``embed`` of the real
+        instances (pads zeroed before and after, so no pad value can leak)."""
+        return zero_pads(self.embed(zero_pads(x, mask)), mask)
+
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> MILOutput:  # pragma: no cover - interface
+        """Bag logits (and instance scores with ``return_scores``) from the embeddings ``h``."""
         raise NotImplementedError
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, return_scores: bool = False) -> MILOutput:
+        """``forward_head(forward_features(x))`` for a bag ``(N, C)`` or a padded batch ``(B, N, C)`` + ``mask``."""
+        x, mask = as_padded_batch(x, mask)
+        return self.forward_head(self.forward_features(x, mask), mask, return_scores=return_scores)
+
+    def instance_scores(self, x: Tensor, mask: Tensor | None = None, **inputs: Any) -> Tensor:
+        """Instance scores ``(B, N)`` alone (zero at pads); ``inputs`` as :attr:`inputs` lists."""
+        return self(x, mask, return_scores=True, **inputs).instance_scores
 
     def loss(self, output: MILOutput, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
         """Cross-entropy of the bag logits (subclasses add their auxiliary terms)."""
-        weight = None if class_weights is None else class_weights.to(output.logits.device, torch.float32)
-        return F.cross_entropy(output.logits.float(), target.to(output.logits.device).long(), weight=weight)
+        return weighted_cross_entropy(output.logits, target, class_weights)
+
+
+def weighted_cross_entropy(logits: Tensor, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
+    """``CE(logits, target)`` in float32 with optional class weights, on the logits' device."""
+    weight = None if class_weights is None else class_weights.to(logits.device, torch.float32)
+    return F.cross_entropy(logits.float(), target.to(logits.device).long(), weight=weight)

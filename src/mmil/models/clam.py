@@ -4,13 +4,25 @@ Registered as ``"clam-sb"``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, as_padded_batch
-from .layers import AttentionScorer, embedding_layer, masked_softmax, zero_pads
+from .base import MILModel, MILOutput
+from .layers import AttentionScorer, embedding_layer, masked_softmax
 from .registry import register_model
+
+
+@dataclass(kw_only=True)
+class CLAMOutput(MILOutput):
+    """:class:`MILOutput` plus what CLAM's instance loss reads: the raw attention
+    scores ``(B, N)`` (0 at pads), the instance embeddings ``(B, N, D)`` and the mask."""
+
+    attention: Tensor
+    embeddings: Tensor
+    mask: Tensor
 
 
 def topk_pseudo_labels(attention: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -69,31 +81,28 @@ class CLAMSB(MILModel):
         bag_weight: float = 0.7,
         subtyping: bool = False,
     ) -> None:
-        super().__init__()
         if k_sample < 1:
             raise ValueError(f"k_sample must be >= 1, got {k_sample}")
         if not 0.0 <= bag_weight <= 1.0:
             raise ValueError(f"bag_weight must be in [0, 1], got {bag_weight}")
-        self.in_dim, self.n_classes = in_dim, n_classes
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, attn_dropout=attn_dropout,
+                         k_sample=k_sample, bag_weight=bag_weight, subtyping=subtyping)
         self.k_sample, self.bag_weight, self.subtyping = k_sample, bag_weight, subtyping
         self.embed = embedding_layer(in_dim, embed_dim, dropout)
         self.attention = AttentionScorer(embed_dim, attn_dim, gated=True, attn_dropout=attn_dropout)
         self.head = nn.Linear(embed_dim, n_classes)
         self.instance_classifiers = nn.ModuleList(nn.Linear(embed_dim, 2) for _ in range(n_classes))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
-        x, mask = as_padded_batch(x, mask)
-        h = zero_pads(self.embed(zero_pads(x, mask)), mask)
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> CLAMOutput:
         raw = self.attention(h).masked_fill(~mask, 0.0)
         weights = masked_softmax(raw, mask)
         logits = self.head((weights.unsqueeze(-1) * h).sum(dim=1))
-        extras = {"attention": raw, "embeddings": h, "mask": mask}
-        return MILOutput(logits=logits, instance_scores=weights if return_scores else None, extras=extras)
+        return CLAMOutput(logits=logits, instance_scores=weights if return_scores else None, attention=raw, embeddings=h, mask=mask)
 
-    def instance_loss(self, output: MILOutput, target: Tensor) -> Tensor:
+    def instance_loss(self, output: CLAMOutput, target: Tensor) -> Tensor:
         """Mean over bags (with at least two instances) of CLAM's clustering loss."""
-        h, mask = output.extras["embeddings"], output.extras["mask"]
-        top, bottom, valid = topk_pseudo_labels(output.extras["attention"], mask, self.k_sample)
+        h, mask = output.embeddings, output.mask
+        top, bottom, valid = topk_pseudo_labels(output.attention, mask, self.k_sample)
         if top.shape[1] == 0:
             return h.sum() * 0.0  # no bag has two instances: nothing to cluster, keep the graph
         weight = torch.stack([c.weight for c in self.instance_classifiers])  # (K, 2, D)
@@ -121,7 +130,7 @@ class CLAMSB(MILModel):
             return h.sum() * 0.0
         return torch.stack(per_bag).mean()
 
-    def loss(self, output: MILOutput, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
+    def loss(self, output: CLAMOutput, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
         """``bag_weight * CE(bag) + (1 - bag_weight) * instance clustering loss``."""
         target = target.to(output.logits.device).long()
         bag = super().loss(output, target, class_weights)

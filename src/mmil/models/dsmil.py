@@ -5,14 +5,26 @@ Registered as ``"dsmil"``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, as_padded_batch, masked_fill_scores
-from .layers import embedding_layer, masked_softmax, zero_pads
+from .base import MILModel, MILOutput, masked_fill_scores, weighted_cross_entropy
+from .layers import embedding_layer, masked_softmax
 from .registry import register_model
+
+
+@dataclass(kw_only=True)
+class DSMILOutput(MILOutput):
+    """:class:`MILOutput` plus the two streams the DSMIL loss reads: ``bag_logits``
+    ``(B, K)`` (attention stream), ``max_logits`` ``(B, K)`` (max-instance stream) and
+    ``critical_index`` ``(B, K)``, the critical instance of each class."""
+
+    bag_logits: Tensor
+    max_logits: Tensor
+    critical_index: Tensor
 
 
 def critical_instances(instance_logits: Tensor, mask: Tensor) -> Tensor:
@@ -60,8 +72,7 @@ class DSMIL(MILModel):
     """
 
     def __init__(self, in_dim: int, n_classes: int, embed_dim: int = 512, attn_dim: int = 128, dropout: float = 0.25, attn_dropout: float = 0.0) -> None:
-        super().__init__()
-        self.in_dim, self.n_classes = in_dim, n_classes
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, attn_dim=attn_dim, dropout=dropout, attn_dropout=attn_dropout)
         self.attn_dropout = attn_dropout
         self.embed = embedding_layer(in_dim, embed_dim, dropout)
         self.instance_classifier = nn.Linear(embed_dim, n_classes)
@@ -69,11 +80,8 @@ class DSMIL(MILModel):
         self.value = nn.Linear(embed_dim, embed_dim)
         self.bag_classifier = nn.Linear(n_classes * embed_dim, n_classes)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
-        x, mask = as_padded_batch(x, mask)
-        B, N, _ = x.shape
-        K = self.n_classes
-        h = zero_pads(self.embed(zero_pads(x, mask)), mask)
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> DSMILOutput:
+        B, K = h.shape[0], self.n_classes
         inst_logits = self.instance_classifier(h)  # (B, N, K)
         critical = critical_instances(inst_logits, mask)  # (B, K)
         max_logits = inst_logits.gather(1, critical.unsqueeze(1)).squeeze(1)  # (B, K): c_{m_k, k}
@@ -92,15 +100,12 @@ class DSMIL(MILModel):
             q_pred = q_crit.gather(1, pred[:, None, None].expand(-1, 1, q.shape[-1]))  # (B, 1, dq)
             attn = masked_softmax((q_pred @ q.transpose(1, 2)).squeeze(1) / math.sqrt(q.shape[-1]), mask)
             scores = masked_fill_scores(attn, mask)
-        extras = {"bag_logits": bag_logits, "max_logits": max_logits, "critical_index": critical}
-        return MILOutput(logits=logits, instance_scores=scores, extras=extras)
+        return DSMILOutput(logits=logits, instance_scores=scores, bag_logits=bag_logits, max_logits=max_logits, critical_index=critical)
 
-    def loss(self, output: MILOutput, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
+    def loss(self, output: DSMILOutput, target: Tensor, class_weights: Tensor | None = None) -> Tensor:
         """``0.5 * CE(bag stream) + 0.5 * CE(max-instance stream)``."""
-        weight = None if class_weights is None else class_weights.to(output.logits.device, torch.float32)
-        target = target.to(output.logits.device).long()
-        bag = F.cross_entropy(output.extras["bag_logits"].float(), target, weight=weight)
-        inst = F.cross_entropy(output.extras["max_logits"].float(), target, weight=weight)
+        bag = weighted_cross_entropy(output.bag_logits, target, class_weights)
+        inst = weighted_cross_entropy(output.max_logits, target, class_weights)
         return 0.5 * bag + 0.5 * inst
 
 

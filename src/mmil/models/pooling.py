@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, as_padded_batch, masked_fill_scores
-from .layers import embedding_layer, masked_max, masked_mean, zero_pads
+from .base import MILModel, MILOutput, masked_fill_scores
+from .layers import embedding_layer, masked_max, masked_mean
 from .registry import register_model
 
 POOLS = {"mean": masked_mean, "max": masked_max}
@@ -28,16 +28,15 @@ class InstancePooling(MILModel):
     """
 
     def __init__(self, in_dim: int, n_classes: int, pool: str = "mean", embed_dim: int = 512, dropout: float = 0.25) -> None:
-        super().__init__()
         if pool not in POOLS:
             raise ValueError(f"unknown pooling {pool!r}; choose one of {sorted(POOLS)}")
-        self.in_dim, self.n_classes, self.pool = in_dim, n_classes, pool
+        # ``pool`` is fixed by the registered name ("mean" / "max"), so it is not a rebuild argument.
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, dropout=dropout)
+        self.pool = pool
         self.embed = embedding_layer(in_dim, embed_dim, dropout)
         self.head = nn.Linear(embed_dim, n_classes)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
-        x, mask = as_padded_batch(x, mask)
-        h = zero_pads(self.embed(zero_pads(x, mask)), mask)
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> MILOutput:
         logits = self.head(POOLS[self.pool](h, mask))
         scores = None
         if return_scores:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, as_padded_batch, masked_fill_scores
+from .base import MILModel, MILOutput, masked_fill_scores
 from .layers import NystromAttention, real_first_order, zero_pads
 from .registry import register_model
 
@@ -133,8 +133,8 @@ class TransMIL(MILModel):
         dropout: float = 0.1,
         attn_dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.in_dim, self.n_classes = in_dim, n_classes
+        super().__init__(in_dim, n_classes, embed_dim=embed_dim, heads=heads, num_landmarks=num_landmarks, pinv_iterations=pinv_iterations,
+                         dropout=dropout, attn_dropout=attn_dropout)
         num_landmarks = embed_dim // 2 if num_landmarks is None else num_landmarks
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
@@ -145,19 +145,17 @@ class TransMIL(MILModel):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, n_classes)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, coords: Tensor | None = None, groups: Tensor | None = None, seed: int | None = None, return_scores: bool = False) -> MILOutput:
-        x, mask = as_padded_batch(x, mask)
-        B, N, _ = x.shape
+    def forward_head(self, h: Tensor, mask: Tensor, *, return_scores: bool = False) -> MILOutput:
+        B, N, _ = h.shape
         order = real_first_order(mask)
-        packed = zero_pads(x, mask).gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        packed = h.gather(1, order.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         counts = mask.sum(dim=1).tolist()
         sides = square_sides(counts)
-        source, token_mask = square_token_sources(counts, sides, x.device)
+        source, token_mask = square_token_sources(counts, sides, h.device)
 
-        h = self.embed(packed)
-        tokens = h.gather(1, source.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        tokens = packed.gather(1, source.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         seq = torch.cat([self.cls_token.expand(B, -1, -1).to(tokens.dtype), tokens], dim=1)
-        seq_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), token_mask], dim=1)
+        seq_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=h.device), token_mask], dim=1)
 
         seq, _ = self.layer1(seq, seq_mask)
         seq = torch.cat([seq[:, :1], self.ppeg(seq[:, 1:], token_mask, sides)], dim=1)

@@ -19,7 +19,6 @@ import contextlib
 import csv
 import io
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmpl.config import option
+from mmpl.device import DEVICE_HELP
+from mmpl.fsio import atomic_path
+from mmpl.jsonio import write_json, write_text
+from mmpl.progress import progress as _progress, show_progress
+
 from .. import __version__
 from ..errors import MMILInputError
-from ..io import atomic_path, write_json, write_text
+from ..evaluate import resolve_device
+from ..options import NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 from .backbones import Backbone, build_backbone
-from .options import check_device
 from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb, remove_temp_files
 from .tiling import find_coords_dir
 from .transforms import PatchTransform
@@ -42,33 +47,47 @@ from .transforms import PatchTransform
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """argparse type of ``--shard I/N``."""
+    import argparse  # noqa: PLC0415
+
+    try:
+        return parse_shard(text)
+    except MMILInputError:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}") from None
+
+
 @dataclass
 class ExtractConfig:
     """Options of ``mmil extract``."""
 
-    backbone: str = "resnet50-trunc"
-    weights: str | None = None
-    random_weights: bool = False
-    seed: int = 0
-    input_size: int | None = -1
+    backbone: str = option("resnet50-trunc", help="'resnet50-trunc' (torchvision ResNet-50 up to layer3, 1024-d) or 'timm:MODEL_NAME' (needs timm)",
+                           metavar="NAME")
+    weights: str | None = option(None, help="local weight file (.pth/.pt state dict or .safetensors; torchvision/CLAM ResNet-50 names for resnet50-trunc)",
+                                 metavar="FILE")
+    random_weights: bool = option(False, help="use seeded random weights instead of a weight file (tests and smoke runs only)")
+    seed: int = option(0, help="seed of the random weights", type=NON_NEGATIVE_INT)
+    input_size: int | None = option(-1, type=Range(int, -1), metavar="PX",
+                                    help="resize patches to this side before the backbone (-1: 224 for resnet50-trunc, timm's config otherwise; "
+                                    "0: the tiling's target patch size)")
     """Side patches are resized to: -1 = the backbone's default, None/0 = the coordinate file's target size."""
-    batch_size: int = 64
-    workers: int = 4
-    device: str = "auto"
-    precision: str = "auto"
-    """fp32, fp16 or bf16 autocast on CUDA (auto: bf16 where supported, else fp16); always fp32 on CPU."""
-    overwrite: bool = False
-    shard: tuple[int, int] | None = None
+    batch_size: int = option(64, help="patches per forward pass", type=POSITIVE_INT, metavar="N")
+    workers: int = option(4, help="DataLoader worker processes reading patches (0: read in the main process)", type=NON_NEGATIVE_INT, metavar="N")
+    device: str = option("auto", help=DEVICE_HELP)
+    precision: str = option("auto", help="autocast precision on CUDA: auto (bf16 where supported, else fp16), fp32, fp16 or bf16; CPU always runs fp32", choices=PRECISIONS)
+    overwrite: bool = option(False, help="recompute slides whose feature file exists (otherwise they are skipped)")
+    shard: tuple[int, int] | str | None = option(None, type=shard_arg, metavar="I/N",
+                                                 help="process share I of N (zero-based, e.g. 0/4) of the slides (none: under torchrun RANK/WORLD_SIZE, else all)")
     """(index, count), zero-based index; ``None`` = all slides, or this rank's share under torchrun."""
 
     def validate(self) -> None:
-        """Check types and ranges (see :data:`mmil.wsi.options.EXTRACT_SPECS`), naming the key and its option."""
-        from .options import EXTRACT_SPECS, check_fields  # noqa: PLC0415
-
-        check_fields(self, EXTRACT_SPECS)
+        """Check types and ranges (those of the fields), naming the key and its option."""
+        check_fields(self)
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} (--precision)")
         self.shard = normalize_shard(self.shard)
+        if self.input_size == 0:
+            self.input_size = None
 
 
 @dataclass
@@ -128,16 +147,6 @@ def resolve_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = No
 def shard_items(items: Sequence, index: int, count: int) -> list:
     """Round-robin share ``items[index::count]`` (shares are disjoint and cover ``items``)."""
     return list(items[index::count])
-
-
-def resolve_device(device: str, env: dict[str, str] | None = None) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` (torchrun) or ``cuda`` when available, else ``cpu``."""
-    env = os.environ if env is None else env
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{int(env.get('LOCAL_RANK', 0))}")
-        return torch.device("cpu")
-    return check_device(device)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -223,15 +232,13 @@ def check_plan_fits_slide(plan: PatchPlan, slide, coords_path: Path, slide_path:
 
 def embed_patches(backbone: Backbone, dataset: Dataset, *, batch_size: int, workers: int, device: torch.device, precision: str, progress: bool = False, desc: str = "") -> np.ndarray:
     """Run the backbone over a patch dataset in order; returns ``(N, D)`` float32."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda")
     dtype = autocast_dtype(precision, device)
     cast = torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     out = np.empty((len(dataset), backbone.out_dim), dtype=np.float32)
     pos = 0
     with torch.inference_mode(), cast:
-        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        for batch in _progress(loader, progress, desc):
             feats = backbone.model(batch.to(device, non_blocking=True)).float().cpu().numpy()
             out[pos : pos + feats.shape[0]] = feats
             pos += feats.shape[0]
@@ -329,8 +336,6 @@ def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path,
     ``.shardI-of-N`` suffix when sharded, so ranks never write the same file).
     Everything that can stop the run is checked before anything is written.
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     cfg.validate()
     coords_dir = find_coords_dir(coords_dir)
     check_out_is_not_coords(out_dir, coords_dir)
@@ -338,7 +343,7 @@ def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path,
     index, count = resolve_shard(cfg.shard)
     mine = shard_items(sorted(slides, key=lambda t: t[0]), index, count)
     device = resolve_device(cfg.device)
-    show = progress and sys.stderr.isatty()
+    show = show_progress(progress)
     todo = [(sid, p) for sid, p in mine if cfg.overwrite or features_complete(out_dir / f"{sid}.h5") is None]
     if backbone is None and todo:  # built before anything is written: a bad backbone leaves no output
         backbone = build_backbone(cfg.backbone, cfg.weights, random_weights=cfg.random_weights, seed=cfg.seed, input_size=cfg.input_size)
@@ -351,6 +356,6 @@ def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path,
     remove_temp_files(out_dir, None if count == 1 else [config_name, summary_name] + [f"{sid}.h5" for sid, _ in mine])
     write_json(out_dir / config_name, {**dataclass_to_dict(cfg), "shard": [index, count], "device": str(device)})
     results = [_extract_one(sid, p, coords_dir, out_dir, backbone, cfg, device, show)
-               for sid, p in tqdm(mine, desc=f"extract (shard {index}/{count})", unit="slide", disable=not show)]
+               for sid, p in _progress(mine, show, f"extract (shard {index}/{count})")]
     _write_summary(out_dir / summary_name, results)
     return results

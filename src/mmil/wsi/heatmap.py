@@ -1,7 +1,7 @@
 """From a trained model back to the slide: per-patch scores, PNG overlays, QuPath GeoJSON.
 
 Instance scores come from ``model(x, coords=..., seed=..., return_scores=True).instance_scores``
-(spec §4 for the MMIL-Transformer; attention weights for the attention baselines),
+(``docs/method/mmil.md`` §4 for the MMIL-Transformer; attention weights for the attention baselines),
 averaged over ``repeats`` seeds because random sub-bag grouping makes one pass noisy.
 
 Outputs per slide, in ``<out>/``:
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,8 +31,15 @@ import h5py
 import numpy as np
 import torch
 
+from mmpl.config import option
+from mmpl.device import DEVICE_HELP
+from mmpl.fsio import atomic_path
+from mmpl.jsonio import write_json, write_text
+from mmpl.progress import progress as _progress
+
 from ..errors import MMILInputError
-from ..io import atomic_path, write_text
+from ..models.base import model_inputs
+from ..options import FRACTION, NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 from .slide import describe_slide_error, open_slide, per_slide_errors, read_downsampled, remove_temp_files
 
 NORMALIZATIONS = ("rank", "minmax", "none")
@@ -45,27 +50,23 @@ _GEOJSON_NAMESPACE = uuid.UUID("5d1f3c52-8f0e-4a55-9a7e-6f1f1d8b2c10")
 class HeatmapConfig:
     """Options of ``mmil heatmap``."""
 
-    seed: int = 0
-    repeats: int = 4
-    """Average instance scores (and probabilities) over seeds ``seed .. seed + repeats - 1``."""
-    cmap: str = "jet"
-    alpha: float = 0.45
-    normalize: str = "rank"
-    """How scores become colours: ``rank`` (percentile, CLAM's choice), ``minmax`` or ``none`` (raw, clipped to [0, 1])."""
-    thumbnail_size: int = 1024
-    patch_size_level0: int | None = None
-    """Override the patch side in level-0 pixels (for feature files without geometry attributes)."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:N or auto."""
-    dpi: int = 100
+    seed: int = option(0, help="first seed of the random sub-bag grouping", type=NON_NEGATIVE_INT)
+    repeats: int = option(4, help="average instance scores (and probabilities) over seeds seed..seed+R-1", type=POSITIVE_INT, metavar="R")
+    cmap: str = option("jet", help="matplotlib colormap")
+    alpha: float = option(0.45, help="opacity of the overlay", type=FRACTION)
+    normalize: str = option("rank", choices=NORMALIZATIONS,
+                            help="how scores become colours: rank (percentile, CLAM's choice), minmax, or none (raw, clipped to [0, 1])")
+    thumbnail_size: int = option(1024, help="longest side of the thumbnail in pixels", type=Range(int, 16), metavar="PX")
+    patch_size_level0: int | None = option(None, help="patch side in level-0 pixels, for feature files without geometry attributes",
+                                           type=POSITIVE_INT, metavar="PX")
+    device: str = option("cpu", help=DEVICE_HELP)
+    dpi: int = option(100, help="resolution of the PNG overlays", type=Range(int, 10, 1200), cli=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Inference-time model options (e.g. ``{"grouping": "coords"}``) passed to the checkpoint loader."""
 
     def validate(self) -> None:
-        """Check types and ranges (see :data:`mmil.wsi.options.HEATMAP_SPECS`), naming the key and its option."""
-        from .options import HEATMAP_SPECS, check_fields  # noqa: PLC0415
-
-        check_fields(self, HEATMAP_SPECS)
+        """Check types and ranges (those of the fields), naming the key and its option."""
+        check_fields(self)
         if self.normalize not in NORMALIZATIONS:
             raise MMILInputError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r} (--normalize)")
         import matplotlib  # noqa: PLC0415
@@ -237,7 +238,7 @@ def bag_scores(model: torch.nn.Module, features: torch.Tensor, coords: torch.Ten
     total_scores = torch.zeros(x.shape[1], dtype=torch.float64)
     total_probs = None
     for s in seeds:
-        out = model(x, None, seed=int(s), return_scores=True, **kwargs)
+        out = model(x, None, return_scores=True, **model_inputs(model, seed=int(s), **kwargs))
         if out.instance_scores is None:
             raise MMILInputError(f"model {type(model).__name__} returned no instance scores; it cannot make heatmaps")
         total_scores += out.instance_scores[0].detach().double().cpu()
@@ -326,7 +327,7 @@ def heatmap_slide(
     fig = render_overlay(thumb, canvas, cmap=cfg.cmap, alpha=cfg.alpha, title=f"{slide_id}: predicted {name} (p = {probs[pred]:.3f})", dpi=cfg.dpi)
     write_png(fig, out_dir / f"{slide_id}.png", cfg.dpi)
     geo = scores_to_geojson(coords, scores, size0, slide_id=slide_id, normalize=cfg.normalize)
-    write_text(out_dir / f"{slide_id}.geojson", json.dumps(geo))
+    write_json(out_dir / f"{slide_id}.geojson", geo, indent=None)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(("x", "y", "score"))
@@ -342,8 +343,6 @@ def make_heatmaps(checkpoint_dir: str | Path, features_dir: str | Path, slides: 
     Slides with features but no slide file, and failures, are listed in the
     returned results (``status="failed"``) and in ``summary.csv``; the run continues.
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     from ..data import load_dataset  # noqa: PLC0415 - downstream modules imported on use
     from ..evaluate import load_for_inference, resolve_device  # noqa: PLC0415
 
@@ -359,7 +358,7 @@ def make_heatmaps(checkpoint_dir: str | Path, features_dir: str | Path, slides: 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(out_dir)  # left by a killed run; every file is written afresh below
     results: list[HeatmapResult] = []
-    for i in tqdm(range(len(dataset)), desc="heatmap", unit="slide", disable=not (progress and sys.stderr.isatty())):
+    for i in _progress(range(len(dataset)), progress, "heatmap"):
         sid = dataset.slide_ids[i]
         t0 = time.perf_counter()
         try:

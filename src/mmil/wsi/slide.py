@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -30,8 +30,6 @@ SLIDE_SUFFIXES = (
 DOWNSAMPLE_TOLERANCE = 0.01
 
 _OPENSLIDE_HINT = "install the slide reader with `pip install 'mmil-prunelimit[wsi]'` (openslide-python and openslide-bin)"
-
-T = TypeVar("T")
 
 
 def import_openslide():
@@ -332,32 +330,6 @@ def _slides_from_csv(source: Path) -> list[tuple[str, Path]]:
     if not pairs:
         raise MMILInputError(f"{source}: the slide CSV lists no slides")
     return pairs
-
-
-def config_from_mapping(cls: type[T], values: Mapping[str, Any], source: str = "config") -> T:
-    """Build dataclass ``cls`` from a mapping, naming unknown keys (nested dataclass fields allowed)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise MMILInputError(f"{source}: unknown option(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        nested = _nested_dataclass_type(fields[name])
-        if nested is not None:
-            if not isinstance(value, Mapping):
-                raise MMILInputError(f"{source}: {name} must be a mapping of options ({', '.join(f.name for f in dataclasses.fields(nested))}), got {value!r}")
-            value = config_from_mapping(nested, value, source)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _nested_dataclass_type(field: dataclasses.Field):
-    """The dataclass type of a field whose default factory builds a dataclass, else ``None``."""
-    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        probe = field.default_factory()  # type: ignore[misc]
-        if dataclasses.is_dataclass(probe):
-            return type(probe)
-    return None
 
 
 def remove_temp_files(directory: str | Path, names: Sequence[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,14 @@ from typing import Sequence
 
 import h5py
 import numpy as np
+from mmpl.config import option
+from mmpl.fsio import atomic_path
+from mmpl.jsonio import write_json, write_text
+from mmpl.progress import progress_bar
 from scipy import ndimage
 
 from ..errors import MMILInputError
-from ..io import atomic_path, write_json, write_text
+from ..options import FRACTION, OPEN_FRACTION, POSITIVE_FLOAT, Range, check_fields
 from .slide import (
     PatchGeometry,
     describe_slide_error,
@@ -49,25 +52,23 @@ SUMMARY_COLUMNS = ("slide", "path", "n_patches", "seconds", "status", "error")
 
 @dataclass
 class TilingConfig:
-    """Options of ``mmil tile``."""
+    """Options of ``mmil tile`` (tissue options under ``tissue``)."""
 
-    target_magnification: float = 20.0
-    patch_size: int = 256
-    overlap: float = 0.0
-    min_tissue_fraction: float = 0.25
-    """Keep a patch when at least this fraction of it is tissue (CLAM's ``four_pt`` check keeps
-    roughly the patches with a quarter or more tissue near their centre)."""
-    base_magnification: float | None = None
-    """Level-0 magnification to use when the slide does not record its resolution."""
-    thumbnail_size: int = 1024
-    overwrite: bool = False
+    target_magnification: float = option(20.0, flag="--target-mag", help="magnification of the patches (20x = 0.5 um/px)",
+                                         type=POSITIVE_FLOAT, metavar="MAG")
+    patch_size: int = option(256, help="patch side in pixels at the target magnification", type=Range(int, 8), metavar="PX")
+    overlap: float = option(0.0, help="fraction of a patch shared with its grid neighbour", type=OPEN_FRACTION, metavar="FRACTION")
+    # CLAM's four_pt check keeps roughly the patches with a quarter or more tissue near their centre.
+    min_tissue_fraction: float = option(0.25, help="keep patches with at least this fraction of tissue", type=FRACTION, metavar="FRACTION")
+    base_magnification: float | None = option(None, help="level-0 magnification for slides that record neither microns per pixel nor objective power",
+                                              type=POSITIVE_FLOAT, metavar="MAG")
+    thumbnail_size: int = option(1024, help="longest side of the thumbnail PNG in pixels", type=Range(int, 16), metavar="PX")
+    overwrite: bool = option(False, help="re-tile slides whose coordinate file exists (otherwise they are kept)")
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def validate(self) -> None:
-        """Check types and ranges (see :data:`mmil.wsi.options.TILING_SPECS`), naming the key and its option."""
-        from .options import TILING_SPECS, check_fields  # noqa: PLC0415
-
-        check_fields(self, TILING_SPECS)
+        """Check types and ranges (those of the fields), naming the key and its option."""
+        check_fields(self)
         if not isinstance(self.tissue, TissueParams):
             raise MMILInputError(f"tissue must be a mapping of tissue options, got {self.tissue!r}")
         self.tissue.validate("tissue.")
@@ -219,8 +220,6 @@ def tile_slides(slides: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: Ti
     Slides whose coordinate file already exists are kept unless ``cfg.overwrite``.
     Writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`) and ``tiling_config.json``.
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     cfg.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,9 +227,11 @@ def tile_slides(slides: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: Ti
         remove_temp_files(folder)  # left by a killed run
     write_json(out_dir / "tiling_config.json", dataclass_to_dict(cfg))
     results: list[TileResult] = []
-    bar = tqdm(slides, desc="tile", unit="slide", disable=not (progress and sys.stderr.isatty()))
-    for slide_id, path in bar:
-        bar.set_postfix_str(slide_id)
+    bar = progress_bar(progress, len(slides), "tile")
+    for slide_id, path in slides:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(slide_id)
         h5_path = out_dir / "patches" / f"{slide_id}.h5"
         if h5_path.is_file() and not cfg.overwrite:
             n = _existing_count(h5_path)
@@ -242,6 +243,8 @@ def tile_slides(slides: Sequence[tuple[str, Path]], out_dir: str | Path, cfg: Ti
             results.append(tile_slide(path, slide_id, out_dir, cfg))
         except per_slide_errors() as err:
             results.append(TileResult(slide_id, str(path), 0, time.perf_counter() - t0, "failed", describe_slide_error(err, path)))
+    if bar is not None:
+        bar.close()
     write_summary(out_dir / "summary.csv", results)
     return results
 

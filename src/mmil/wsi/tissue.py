@@ -24,32 +24,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from mmpl.config import option
 from scipy import ndimage
+
+from ..options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Range, check_fields
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass
 class TissueParams:
-    """Tissue segmentation options (CLAM defaults; areas in 128-um reference patches)."""
+    """Tissue segmentation options (CLAM defaults; areas in 128-um reference patches); the flags of ``mmil tile``."""
 
-    seg_downsample: float = 32.0
-    """Segment on the best level at or below this downsample (coarser if the image would exceed ``max_seg_pixels``)."""
-    max_seg_pixels: int = 16_000_000
-    use_otsu: bool = True
-    sthresh: int = 8
-    median_size: int = 7
-    close_size: int = 4
-    min_tissue_area: float = 100.0
-    min_hole_area: float = 16.0
-    max_holes: int = 8
-    ref_patch_um: float = 128.0
+    seg_downsample: float = option(32.0, help="segment on the best level at or below this downsample (coarser if the image would exceed max_seg_pixels)",
+                                   type=Range(float, 1), metavar="D")
+    max_seg_pixels: int = option(16_000_000, help="most pixels of the segmentation image", type=POSITIVE_INT, cli=False)
+    use_otsu: bool = option(True, flag="--otsu", help="Otsu's saturation threshold (--no-otsu: the fixed threshold --sthresh)")
+    sthresh: int = option(8, help="saturation threshold 0..255 without Otsu, and the floor of Otsu's threshold", type=Range(int, 0, 255), metavar="S")
+    median_size: int = option(7, help="median filter size in segmentation pixels", type=POSITIVE_INT, metavar="N")
+    close_size: int = option(4, help="morphological closing square size in segmentation pixels", type=NON_NEGATIVE_INT, metavar="N")
+    min_tissue_area: float = option(100.0, help="drop tissue regions smaller than this many 128-um reference patches (100: about 1.6 mm^2)",
+                                    type=NON_NEGATIVE_FLOAT, metavar="AREA")
+    min_hole_area: float = option(16.0, help="holes larger than this many reference patches stay excluded", type=NON_NEGATIVE_FLOAT, metavar="AREA")
+    max_holes: int = option(8, help="at most this many holes (the largest) are excluded per region", type=NON_NEGATIVE_INT, metavar="N")
+    ref_patch_um: float = option(128.0, help="side of the reference patch areas are counted in (um)", type=POSITIVE_FLOAT, cli=False)
 
     def validate(self, prefix: str = "") -> None:
-        """Check types and ranges (see :data:`mmil.wsi.options.TISSUE_SPECS`); keys are named with ``prefix``."""
-        from .options import TISSUE_SPECS, check_fields  # noqa: PLC0415
-
-        check_fields(self, TISSUE_SPECS, prefix)
+        """Check types and ranges (those of the fields), naming the key (after ``prefix``) and its option."""
+        check_fields(self, prefix)
 
 
 @dataclass

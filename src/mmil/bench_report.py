@@ -1,0 +1,199 @@
+"""The reports of ``mmil bench``: per-fold and cost tables (CSV), ``summary.md``, ROC, metric and cost plots."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from mmpl.fsio import atomic_path
+
+METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
+RESULT_COLUMNS = ("model", "fold", *METRICS, "train_seconds", "inference_ms_per_bag", "peak_memory_mb", "params")
+#: Columns that measure the machine rather than the model (they change between runs).
+TIMING_COLUMNS = ("train_seconds", "inference_ms_per_bag", "peak_memory_mb")
+COST_COLUMNS = ("model", "n_instances", "inference_ms", "peak_memory_mb", "device", "status")
+
+
+@dataclass
+class ModelBench:
+    """Everything the reports need about one model."""
+
+    model: str
+    rows: list[dict[str, Any]]  # one per fold, RESULT_COLUMNS
+    y_true: list[int]  # out-of-fold labels, fold after fold
+    probs: list[list[float]]  # out-of-fold probabilities (mean over repeats)
+    params: int
+    cost: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- reports
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0 for one value) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(benches: Sequence[ModelBench]) -> list[dict[str, Any]]:
+    """Mean and std over folds of every column per model, ranked by mean AUC
+    (ties broken by mean balanced accuracy, then by the model's table order)."""
+    out = []
+    for order, b in enumerate(benches):
+        s: dict[str, Any] = {"model": b.model, "params": b.params, "folds": len(b.rows), "order": order}
+        for col in (*METRICS, *TIMING_COLUMNS):
+            s[col], s[f"{col}_std"] = mean_std([r[col] for r in b.rows])
+        out.append(s)
+
+    def key(s):
+        auc = s["auc"] if math.isfinite(s["auc"]) else -1.0
+        bal = s["balanced_accuracy"] if math.isfinite(s["balanced_accuracy"]) else -1.0
+        return (-auc, -bal, s["order"])
+
+    for rank, s in enumerate(sorted(out, key=key), start=1):
+        s["rank"] = rank
+    return sorted(out, key=lambda s: s["rank"])
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def results_csv_text(benches: Sequence[ModelBench]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RESULT_COLUMNS)
+    for b in benches:
+        for r in b.rows:
+            w.writerow([_fmt(r[c], 3) if c in TIMING_COLUMNS else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in RESULT_COLUMNS])
+    return buf.getvalue()
+
+
+def cost_csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COST_COLUMNS)
+    for r in rows:
+        w.writerow([_fmt(r[c], 3) if isinstance(r[c], float) else r[c] for c in COST_COLUMNS])
+    return buf.getvalue()
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]], cost: Sequence[dict[str, Any]], header: dict[str, Any]) -> str:
+    """The ``summary.md`` text: settings, ranked metric table, cost table."""
+    lines = ["# mmil bench", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += ["", "## Cross-validated results (mean ± std over folds)", ""]
+    lines.append("| rank | model | AUC | accuracy | balanced accuracy | macro F1 | train s/fold | inference ms/bag | peak MB (largest test bag) | params |")
+    lines.append("|---:|---|---|---|---|---|---:|---:|---:|---:|")
+    for s in summary:
+        pm = lambda c, d=3: f"{_fmt(s[c], d)} ± {_fmt(s[c + '_std'], d)}"  # noqa: E731
+        lines.append(
+            f"| {s['rank']} | {s['model']} | {pm('auc')} | {pm('accuracy')} | {pm('balanced_accuracy')} | {pm('f1')} | "
+            f"{_fmt(s['train_seconds'], 1)} | {_fmt(s['inference_ms_per_bag'], 2)} | {_fmt(s['peak_memory_mb'], 1)} | {s['params']:,} |"
+        )
+    lines += ["", "Ranked by mean AUC (ties: balanced accuracy). Std is the sample standard deviation over folds.", ""]
+    if cost:
+        sizes = sorted({int(r["n_instances"]) for r in cost})
+        models = list(dict.fromkeys(r["model"] for r in cost))
+        table = {(r["model"], int(r["n_instances"])): r for r in cost}
+        lines += [f"## Inference cost against bag size (device: {cost[0]['device']}; one bag, no_grad)", ""]
+        lines.append("| model | " + " | ".join(f"N={n:,} ms / MB" for n in sizes) + " |")
+        lines.append("|---|" + "---:|" * len(sizes))
+        for m in models:
+            cells = []
+            for n in sizes:
+                r = table.get((m, n))
+                cells.append("–" if r is None or r["status"] != "ok" else f"{_fmt(r['inference_ms'], 1)} / {_fmt(r['peak_memory_mb'], 1)}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += ["", "– = not measured (over the time budget, or failed; see cost.csv).", ""]
+    lines += ["Files: results.csv (per fold), cost.csv, roc.png, metrics.png, cost.png, runs/<model>/ (cross-validation outputs).", ""]
+    return "\n".join(lines)
+
+
+def _save_figure(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def roc_points(y_true: Sequence[int], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """ROC curve of pooled out-of-fold predictions: binary on ``probs[:, 1]``;
+    multi-class micro-averaged one-vs-rest. Returns ``(fpr, tpr, auc)``."""
+    from sklearn.metrics import auc, roc_curve
+
+    y = np.asarray(y_true)
+    p = np.asarray(probs)
+    if p.shape[1] == 2:
+        fpr, tpr, _ = roc_curve(y, p[:, 1])
+    else:
+        onehot = np.eye(p.shape[1])[y]
+        fpr, tpr, _ = roc_curve(onehot.ravel(), p.ravel())
+    return fpr, tpr, float(auc(fpr, tpr))
+
+
+def plot_roc(benches: Sequence[ModelBench], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    for b in benches:
+        if len(set(b.y_true)) < 2:
+            continue
+        fpr, tpr, auc = roc_points(b.y_true, np.asarray(b.probs))
+        ax.plot(fpr, tpr, label=f"{b.model} (pooled AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC of out-of-fold predictions")
+    ax.legend(loc="lower right", fontsize=8)
+    _save_figure(fig, path)
+
+
+def plot_metric_bars(summary: Sequence[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6, 1.3 * len(summary) + 2), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / len(METRICS)
+    x = np.arange(len(summary))
+    for j, m in enumerate(METRICS):
+        ax.bar(x + (j - (len(METRICS) - 1) / 2) * width, [s[m] for s in summary], width, yerr=[s[f"{m}_std"] for s in summary], capsize=2, label=m)
+    ax.set_xticks(x, [s["model"] for s in summary], rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean over folds (± std)")
+    ax.legend(fontsize=8, ncol=len(METRICS), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    _save_figure(fig, path)
+
+
+def plot_cost(cost: Sequence[dict[str, Any]], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for m in dict.fromkeys(r["model"] for r in cost):
+        pts = [r for r in cost if r["model"] == m and r["status"] == "ok"]
+        if not pts:
+            continue
+        n = [r["n_instances"] for r in pts]
+        axes[0].plot(n, [r["inference_ms"] for r in pts], marker="o", label=m)
+        axes[1].plot(n, [max(r["peak_memory_mb"], 1e-3) for r in pts], marker="o", label=m)
+    for ax, label in zip(axes, ("inference time per bag (ms)", "peak memory (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("instances per bag N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a ``results.csv`` (strings), for tests and downstream scripts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
