@@ -52,7 +52,10 @@ def test_slides_to_heatmaps(tmp_path):
     summary = {r["slide"]: r for r in csv.DictReader((heat / "summary.csv").open())}
     assert {s: summary[s]["predicted"] for s in labels} == labels  # the model learned the task
 
-    hits = []
+    # Margins: over training seeds 0-2 here, per-slide AUC was 0.82-0.90 and top-10 hits 0.9-1.0; the
+    # bounds below sit well under that, so other CPUs' rounding cannot flip them, yet a model that
+    # does not point at the tumour (AUC ~0.5, hits ~ tumour share ~0.3) fails.
+    hits, aucs = [], []
     for sid, label in labels.items():
         rows = list(csv.DictReader((heat / f"{sid}_scores.csv").open()))
         xy = np.array([[int(r["x"]), int(r["y"])] for r in rows])
@@ -65,7 +68,8 @@ def test_slides_to_heatmaps(tmp_path):
             hits.append(in_tumor[top].mean())
             # the tumor patches outrank the normal ones as a whole (AUC of the scores)
             pos, neg = scores[in_tumor], scores[~in_tumor]
-            assert (pos[:, None] > neg[None, :]).mean() > 0.8
+            aucs.append((pos[:, None] > neg[None, :]).mean())
         else:
             assert not in_tumor.any()
-    assert np.mean(hits) >= 0.8  # the 10 highest-scoring patches lie (mostly) in the tumor blob
+    assert min(aucs) > 0.65 and np.mean(aucs) > 0.72  # tumour patches outrank normal ones as a whole
+    assert np.mean(hits) >= 0.7  # the 10 highest-scoring patches lie (mostly) in the tumor blob
