@@ -65,3 +65,8 @@ def data_wrong_type(seed):
 
 def data_wrong_signature(seed, split):
     return blobs(seed)
+
+
+def small_mlp(in_shape, num_classes):
+    """A good two-layer factory (for `prunelimit compare` tests): 64-16-C on digits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), 16), nn.ReLU(), nn.Linear(16, num_classes))
