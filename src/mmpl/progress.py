@@ -10,21 +10,22 @@ def show_progress(enabled: bool) -> bool:
     return bool(enabled) and sys.stderr.isatty()
 
 
-def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None, leave: bool = False) -> Iterable:
-    """``iterable`` wrapped in a tqdm bar when :func:`show_progress`, else itself."""
+def progress(iterable: Iterable, enabled: bool, desc: str, total: int | None = None, leave: bool = False,
+             unit: str = "it") -> Iterable:
+    """``iterable`` wrapped in a tqdm bar counting ``unit`` (e.g. ``"bag"``) when :func:`show_progress`, else itself."""
     if not show_progress(enabled):
         return iterable
     from tqdm.auto import tqdm
 
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
-    return tqdm(iterable, desc=desc, total=total, leave=leave)
+    return tqdm(iterable, desc=desc, total=total, leave=leave, unit=unit)
 
 
-def progress_bar(enabled: bool, total: int, desc: str, leave: bool = False):
-    """A manual tqdm bar (call ``update``/``close``), or ``None`` when bars are off."""
+def progress_bar(enabled: bool, total: int, desc: str, leave: bool = False, unit: str = "it"):
+    """A manual tqdm bar counting ``unit`` (call ``update``/``close``), or ``None`` when bars are off."""
     if not show_progress(enabled):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=leave)
+    return tqdm(total=total, desc=desc, leave=leave, unit=unit)
