@@ -184,7 +184,7 @@ def test_threshold_convergence_stops_when_pstar_settles():
     stop.reset()
     alpha, beta = lanczos(lambda x: a @ x, D, 300, np.ones(D), callback=stop)
     hist = stop.history[-1]
-    steps = [k for k, _ in hist]
+    steps = [k for k, *_ in hist]
     assert steps[:3] == [5, 8, 12] and all(b == math.ceil(1.5 * a) for a, b in zip(steps, steps[1:]))
     assert len(hist) >= 3
     assert len(alpha) == hist[-1][0] < 300
@@ -237,3 +237,31 @@ def test_bad_input():
         predict_threshold(w, 0.1, np.ones((2, 2, 2)))
     with pytest.raises(PruneLimitError, match="shape"):
         predict_threshold(w, 0.1, (np.ones(3), np.ones(4)))
+
+
+def _convergence_case():
+    rng = np.random.default_rng(7)
+    D = 400
+    eig = np.concatenate([rng.normal(0, 1e-3, 200), rng.exponential(0.5, 200)])
+    q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    return D, (q * eig) @ q.T, rng.standard_normal(D) * 0.1
+
+
+def test_threshold_convergence_relative_to_the_sensitivity_interval():
+    """With rel_tol, a probe stops at the first checkpoint whose change is below rel_tol x its eps/2..2 eps width."""
+    D, a, w = _convergence_case()
+    stop = ThresholdConvergence(w, 0.01, tol=1e-9, min_steps=5, growth=1.5, rel_tol=0.5)
+    stop.reset()
+    lanczos(lambda x: a @ x, D, 300, np.ones(D), callback=stop)
+    hist = stop.history[-1]
+    assert stop.reasons == ["converged"] and all(width > 0 for _, _, width in hist)
+    assert abs(hist[-1][1] - hist[-2][1]) < 0.5 * hist[-1][2]
+    assert all(abs(hist[i][1] - hist[i - 1][1]) >= 0.5 * hist[i][2] for i in range(1, len(hist) - 1))
+
+
+def test_threshold_convergence_time_budget_stops_a_probe():
+    D, a, w = _convergence_case()
+    stop = ThresholdConvergence(w, 0.01, tol=1e-12, min_steps=5, growth=1.5, max_seconds=0.0, num_probes=2)
+    stop.reset()
+    alpha, _ = lanczos(lambda x: a @ x, D, 300, np.ones(D), callback=stop)
+    assert len(alpha) == 1 and stop.reasons == ["time budget"]

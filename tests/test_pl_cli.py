@@ -128,4 +128,4 @@ def test_module_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and not (tmp_path / "x").exists()
     assert proc.stderr.strip().splitlines() == ["prunelimit: error: unknown model 'nope'; choose one of: alexnet, fc12, fc5, "
-                                                "lenet300, resnet18, resnet50, vgg16, or give 'package.module:factory'"]
+                                                "lenet300, resnet18, resnet50, vgg16, vgg_small, or give 'package.module:factory'"]

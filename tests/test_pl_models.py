@@ -14,7 +14,7 @@ from prunelimit.models.mlp import FC5_HIDDEN, FC12_HIDDEN, LENET300_HIDDEN, mlp_
 
 
 
-ZOO = ["alexnet", "fc12", "fc5", "lenet300", "resnet18", "resnet50", "vgg16"]
+ZOO = ["alexnet", "fc12", "fc5", "lenet300", "resnet18", "resnet50", "vgg16", "vgg_small"]
 
 
 def test_zoo_lists_every_family():

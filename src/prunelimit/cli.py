@@ -20,10 +20,10 @@ from dataclasses import fields
 from typing import Any, Sequence
 
 from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, positive_int
-from mmpl.config import add_config_flags, given_flags
+from mmpl.config import add_config_flags, given_flags, read_yaml_mapping
 from mmpl.device import resolve_device
 
-from .config import RunConfig, help_defaults, read_options_file
+from .config import RunConfig, help_defaults
 from .errors import PruneLimitError
 
 STEP_COMMANDS = ("train", "spectrum", "predict", "prune", "report")
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=short, description=long)
         if name == "run" or name in STEP_COMMANDS:
             _add_run_options(command, new_run=name in ("run", "train"))
+    from .cli_compare import add_compare_command
+
+    add_compare_command(sub)
     return parser
 
 
@@ -102,7 +105,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Options from --config (checked with the command line's ranges, naming file and key), then flags on top."""
     values: dict[str, Any] = {}
     if args.config:
-        values = read_options_file(args.config)
+        values = read_yaml_mapping(args.config, PruneLimitError, "--config")
         source = f"--config {args.config}"
         given = {k: v for k, v in values.items() if v is not None}
         probe = RunConfig.from_dict({"model": "-", "dataset": "-", **given}, source)  # unknown keys, types
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if getattr(args, "func", None) is not None:  # commands with their own module (compare)
+        return args.func(args)
     if args.command == "list-models":
         return _cmd_list_models()
     if args.command == "list-datasets":

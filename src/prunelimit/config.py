@@ -1,7 +1,7 @@
 """Run configuration: one typed dataclass, loadable from YAML, saved in every run directory.
 
 Every option is declared once, as a :class:`RunConfig` field made with :func:`mmpl.config.option`:
-its help text, its argparse type (the numeric range, see :func:`bounded`), choices and metavar.
+its help text, its argparse type (the numeric range: a :class:`mmpl.cliargs.Range`), choices and metavar.
 The command line derives its flags from these fields (:func:`mmpl.config.add_config_flags`;
 ``cli=False`` fields are YAML-only), and :meth:`RunConfig.validate` checks YAML values and
 stored config.yaml files against the same ranges.
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import yaml
-from mmpl.cliargs import ranged
-from mmpl.config import flag_fields, flag_name, option, read_yaml_mapping
+from mmpl.cliargs import Range
+from mmpl.config import coerce, flag_fields, flag_name, option, read_yaml_mapping
 from mmpl.device import DEVICE_HELP
 
 from .errors import PruneLimitError
@@ -26,15 +25,12 @@ from .regularize import SCHEDULES
 
 P0_MODES = ("auto", "on", "off")
 
-# Built-in datasets train for a few epochs only; docs/method/prunelimit.md §6 found the prediction
-# reliable there only with strong l1 (lam >= 2e-4: within ~0.05; >= 1e-3: within ~0.01), at some
-# cost in dense accuracy. These defaults sit inside that regime. Measured with lenet300 (seed 0):
-# digits lam 2e-3, 30 epochs: dense 0.972, p* 0.967, actual 0.971 (lam 5e-4: dense 0.978,
-# p* 0.839, actual 0.714); mnist5k lam 1e-3, 20 epochs: dense 0.916, p* 0.994, actual 0.966
-# (0.991 with a 1-point tolerance). Deeper nets need less: fc5 on digits collapses to chance at 2e-3.
+# Built-in datasets train for a few epochs only. lam defaults to "auto" everywhere: a fixed strong l1
+# (the former digits default 2e-3) sent fc5 on digits to chance, so the l1 strength is chosen per
+# model and dataset by a short sweep on a validation split (prunelimit.lamsweep; docs/fidelity.md).
 SMALL_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"lam": 2e-3, "epochs": 30},
-    "mnist5k": {"lam": 1e-3, "epochs": 20},
+    "digits": {"epochs": 30},
+    "mnist5k": {"epochs": 20},
 }
 LONG_SCHEDULE_EPOCHS = 160  # CIFAR-length schedule for every other dataset
 FALLBACK_LAM = 5e-5  # the paper's value for the FC nets; used for user models
@@ -43,48 +39,9 @@ FALLBACK_LAM = 5e-5  # the paper's value for the FC nets; used for user models
 MAX_SEED = 2**32 - 2  # scikit-learn's split takes seeds below 2**32; the trace uses seed + 1
 
 
-class Bound(NamedTuple):
-    """The allowed range of one numeric option: ``low <= value <= high`` (``<`` where open)."""
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, value) -> bool:
-        if isinstance(value, float) and not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
-
-    def describe(self) -> str:
-        """E.g. "an integer >= 1", "a finite number > 0", "a number in [0, 1)"."""
-        noun = "an integer" if self.kind is int else "a finite number" if self.high is None else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}" \
-                if self.kind is float else f"{noun} from {self.low} to {self.high}"
-        if self.low is not None:
-            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
-        return noun
-
-
-def bounded(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False) -> Callable[[str], int | float]:
-    """The argparse type of a numeric option (checked at parse time); ``.bound`` is its :class:`Bound`,
-    which :meth:`RunConfig.validate` applies to values from YAML files and Python callers."""
-    check = ranged(kind, low, None if kind is int else high, low_open=low_open, high_open=high_open)
-
-    def parse(text: str):
-        value = check(text)
-        if kind is int and high is not None and value > high:  # the integer in full (seed: not 4.29e+09)
-            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text}")
-        return value
-
-    parse.__name__ = check.__name__
-    parse.bound = Bound(kind, low, high, low_open, high_open)  # type: ignore[attr-defined]
-    return parse
+# The argparse type of --lam: a finite number >= 0 or ``auto`` (the sweep of :mod:`prunelimit.lamsweep`).
+lam_arg = Range(float, 0, words=("auto",))
+CRITERIA = ("first-drop", "released")
 
 
 def lanczos_steps_arg(text: str) -> int | str:
@@ -109,15 +66,24 @@ class RunConfig:
     data_root: str | None = option(
         None, metavar="PATH", help="folder with local datasets in torchvision's layout (never downloaded); the CIFAR "
         "files are Python pickles, which can run code: use only files from the official archive")
-    seed: int = option(0, type=bounded(int, 0, MAX_SEED), help="seed of the split, initialisation, shuffling and probes")
+    seed: int = option(0, type=Range(int, 0, MAX_SEED), help="seed of the split, initialisation, shuffling and probes")
     device: str = option("cpu", help=DEVICE_HELP)
     # training (LOMP step 1)
-    lam: float | None = option(None, type=bounded(float, 0), help="l1 strength lambda")
-    epochs: int | None = option(None, type=bounded(int, 1), help="training epochs")
-    lr: float = option(0.05, type=bounded(float, 0, low_open=True), help="SGD learning rate")
-    momentum: float = option(0.9, type=bounded(float, 0, 1, high_open=True), cli=False, help="SGD momentum")
-    weight_decay: float = option(0.0, type=bounded(float, 0), help="l2 weight decay on all parameters")
-    batch_size: int = option(128, type=bounded(int, 1), help="training batch size")
+    lam: float | str | None = option(
+        "auto", type=lam_arg, metavar="LAM|auto",
+        help="l1 strength lambda; auto = the largest of a short sweep whose dense validation accuracy stays within "
+        "--max-dense-drop of lambda = 0 (docs/method/prunelimit.md §2)")
+    max_dense_drop: float = option(0.01, type=Range(float, 0, 1, high_open=True),
+                                   help="--lam auto: allowed drop of dense validation accuracy (fraction, 0.01 = 1 point)")
+    lam_sweep_epochs: int | None = option(None, type=Range(int, 1), metavar="N",
+                                          help="--lam auto: epochs per swept lambda (default: the run's epochs, at most 30)")
+    chance_margin: float = option(0.05, type=Range(float, 0, 1), cli=False,
+                                  help="dense test accuracy below 1/classes + this stops the run (training failed)")
+    epochs: int | None = option(None, type=Range(int, 1), help="training epochs")
+    lr: float = option(0.05, type=Range(float, 0, low_open=True), help="SGD learning rate")
+    momentum: float = option(0.9, type=Range(float, 0, 1, high_open=True), cli=False, help="SGD momentum")
+    weight_decay: float = option(0.0, type=Range(float, 0), help="l2 weight decay on all parameters")
+    batch_size: int = option(128, type=Range(int, 1), help="training batch size")
     schedule: str = option("cosine", choices=SCHEDULES, metavar="{" + ",".join(SCHEDULES) + "}",
                            help="learning-rate schedule, stepped per epoch")
     augment: bool = option(True, help="random crop/flip for CIFAR training (never used for the Hessian anyway)")
@@ -127,32 +93,42 @@ class RunConfig:
     lanczos_steps: int | str = option(
         "auto", type=lanczos_steps_arg, metavar="M|auto",
         help="Lanczos steps per probe; auto grows m = 50, 100, 200, ... until p* moves < 0.005")
-    lanczos_max_steps: int = option(800, type=bounded(int, 2), help="cap on m in auto mode")
-    lanczos_growth: float = option(2.0, type=bounded(float, 1, low_open=True), cli=False,
+    lanczos_max_steps: int = option(800, type=Range(int, 2), help="cap on m in auto mode")
+    lanczos_growth: float = option(2.0, type=Range(float, 1, low_open=True), cli=False,
                                    help="auto mode: factor between the step counts at which p* is checked")
-    lanczos_tol: float = option(0.005, type=bounded(float, 0, low_open=True), cli=False,
-                                help="auto mode: p* has settled when it moves less than this")
-    probes: int = option(2, type=bounded(int, 1), help="Rademacher probes for SLQ")
-    trace_samples: int = option(20, type=bounded(int, 1), help="Hutchinson samples for Tr(H)")
+    lanczos_tol: float = option(0.005, type=Range(float, 0, low_open=True), cli=False,
+                                help="auto mode: p* has settled when it moves less than this (or less than lanczos_rel_tol "
+                                "x the width of its eps/2..2 eps interval, whichever is larger)")
+    lanczos_rel_tol: float = option(0.25, type=Range(float, 0), cli=False,
+                                    help="auto mode: settled when p* moves less than this fraction of its sensitivity interval")
+    lanczos_max_seconds: float = option(120.0, type=Range(float, 0, low_open=True),
+                                        help="auto mode: time budget of all Lanczos runs together (seconds)")
+    lanczos_max_memory_mb: float = option(1024.0, type=Range(float, 0, low_open=True),
+                                          help="memory budget of one Lanczos basis (MiB); caps m at budget / (8 D)")
+    probes: int = option(2, type=Range(int, 1), help="Rademacher probes for SLQ")
+    trace_samples: int = option(20, type=Range(int, 1), help="Hutchinson samples for Tr(H)")
     hessian_samples: int | None = option(
-        None, type=bounded(int, 1), metavar="N", help="use a fixed seeded subset of N training samples for Hessian "
+        None, type=Range(int, 1), metavar="N", help="use a fixed seeded subset of N training samples for Hessian "
         "products (epsilon always uses the whole training set, forward passes only)")
-    hessian_batch_size: int = option(512, type=bounded(int, 1), help="batch size of Hessian passes; memory only, not the result")
-    eps_batch_size: int = option(128, type=bounded(int, 1), help="batch size whose per-batch loss spread is epsilon; the paper uses 128")
+    hessian_batch_size: int = option(512, type=Range(int, 1), help="batch size of Hessian passes; memory only, not the result")
+    eps_batch_size: int = option(128, type=Range(int, 1), help="batch size whose per-batch loss spread is epsilon; the paper uses 128")
     p0: str = option("auto", choices=P0_MODES, metavar="{" + ",".join(P0_MODES) + "}",
                      help="null-mass correction from Hessian rows: auto = on for conv nets, off for FC nets")
-    p0_threshold: float = option(1e-7, type=bounded(float, 0), cli=False, help="a Hessian row whose L1 norm is below this is null")
+    p0_threshold: float = option(1e-7, type=Range(float, 0), cli=False, help="a Hessian row whose L1 norm is below this is null")
     # LOMP regime: the share of prunable weights with |w| < regime_tol must reach
     # regime_min_share * p*, else the report warns that the prediction is likely too high.
-    regime_tol: float = option(1e-3, type=bounded(float, 0, low_open=True), cli=False, help="|w| below this is near zero")
-    regime_min_share: float = option(0.5, type=bounded(float, 0, 1), cli=False,
+    regime_tol: float = option(1e-3, type=Range(float, 0, low_open=True), cli=False, help="|w| below this is near zero")
+    regime_min_share: float = option(0.5, type=Range(float, 0, 1), cli=False,
                                      help="the near-zero share needed for the LOMP regime, as a fraction of p*")
     # actual threshold
-    tolerance: float = option(0.0, type=bounded(float, 0, 1, high_open=True),
-                              help="accuracy drop (fraction, e.g. 0.01 = 1 point) allowed before the actual threshold")
+    tolerance: float = option(0.01, type=Range(float, 0, 1, high_open=True),
+                              help="accuracy drop (fraction, 0.01 = 1 point) allowed before the actual threshold")
+    criterion: str = option("first-drop", choices=CRITERIA, metavar="{" + ",".join(CRITERIA) + "}",
+                            help="actual threshold: first-drop (first ratio below dense - tolerance) or released (the "
+                            "authors' code: largest ratio with accuracy above dense)")
     save_pruned: bool = option(False, help="save the pruned model (masks made permanent) as model_pruned.safetensors")
     prune_ratio: float | None = option(
-        None, type=bounded(float, 0, 1, high_open=True), metavar="P",
+        None, type=Range(float, 0, 1, high_open=True), metavar="P",
         help="also evaluate (and with --save-pruned save) the model pruned at ratio P in [0, 1) instead of at p*")
 
     # ------------------------------------------------------------------ checks and defaults
@@ -161,7 +137,7 @@ class RunConfig:
 
         ``source`` names where the values came from (a YAML file: "FILE: option KEY ..."); without
         it the message names the command-line flag ("--epochs ..."). ``keys`` limits the check to
-        those fields (the ones a file actually set). The ranges are the fields' :func:`bounded`
+        those fields (the ones a file actually set). The ranges are the fields' :class:`~mmpl.cliargs.Range`
         types, the same ones the command line enforces at parse time.
         """
         wanted = None if keys is None else set(keys)
@@ -175,14 +151,11 @@ class RunConfig:
         return self
 
     def resolved(self) -> "RunConfig":
-        """A copy with ``lam`` and ``epochs`` filled from the dataset/model defaults."""
-        from .models import model_spec
-
+        """A copy with ``lam`` (None: ``auto``) and ``epochs`` filled from the dataset defaults."""
         out = dataclasses.replace(self)
         small = SMALL_DATASET_DEFAULTS.get(self.dataset, {})
         if out.lam is None:
-            spec = model_spec(self.model)
-            out.lam = small.get("lam", spec.default_lam if spec is not None else FALLBACK_LAM)
+            out.lam = "auto"
         if out.epochs is None:
             out.epochs = small.get("epochs", LONG_SCHEDULE_EPOCHS)
         return out.validate()
@@ -218,7 +191,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(read_options_file(path, "config"), str(path))
+        return cls.from_dict(read_yaml_mapping(path, PruneLimitError, "config"), str(path))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -233,15 +206,15 @@ def help_defaults() -> dict[str, str]:
     """How --help shows the defaults that depend on the model or dataset (fields whose default is None)."""
     small = SMALL_DATASET_DEFAULTS.items()
     return {
-        "lam": ", ".join(f"{v['lam']:g} on {k}" for k, v in small) + ", the paper's per-model value otherwise",
         "epochs": ", ".join(f"{v['epochs']} on {k}" for k, v in small) + f", {LONG_SCHEDULE_EPOCHS} otherwise",
         "hessian_samples": "all",
     }
 
 
-def bound_of(key: str) -> Bound | None:
-    """The range of numeric option ``key`` (from its :func:`bounded` type), or None."""
-    return getattr(_FIELDS[key].metadata.get("type"), "bound", None)
+def bound_of(key: str) -> Range | None:
+    """The range of numeric option ``key`` (its argparse type), or None."""
+    kind = _FIELDS[key].metadata.get("type")
+    return kind if isinstance(kind, Range) else None
 
 
 def option_label(key: str) -> str:
@@ -255,10 +228,11 @@ def option_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, str) and value else "is required (a non-empty name)"
     if value is None and type(None) in typing.get_args(_HINTS[key]):  # None: the default for this model/dataset
         return None
+    if key == "lam" and value == "auto":
+        return None
     bound = bound_of(key)
     if bound is not None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bound.holds(value)
-        return None if ok else f"must be {bound.describe()}, got {value!r}"
+        return None if bound.contains(value) else f"must be {bound.describe()}, got {value!r}"
     if key == "lanczos_steps":
         ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 2)
         return None if ok else f"must be an integer >= 2 or 'auto', got {value!r}"
@@ -271,7 +245,8 @@ def option_problem(key: str, value: Any) -> str | None:
 
 
 def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """Check option names and convert values to the field types (YAML reads ``1e-3`` as a string).
+    """Check option names and convert values to the field types with :func:`mmpl.config.coerce` (strict: a
+    bool is not a number, 5.0 is not an integer, "yes" not a bool; YAML reads ``1e-3`` as a string).
 
     ``None`` is kept (it means "default"). Raises :class:`PruneLimitError` naming the option.
     """
@@ -280,63 +255,16 @@ def coerce_options(data: dict[str, Any], source: str = "config") -> dict[str, An
     unknown = sorted(str(k) for k in set(data) - set(_FIELDS))
     if unknown:
         raise PruneLimitError(f"{source}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(_FIELDS))}")
-    return {key: _coerce(key, value, source) for key, value in data.items()}
-
-
-_KIND_TEXT = {float: "a number", int: "an integer", bool: "true or false", str: "a text value"}
-
-
-def _coerce(key: str, value: Any, source: str) -> Any:
-    """``value`` as option ``key``'s type; strict: a bool is not a number, "5.0" is not an integer, "yes" not a bool."""
-    kinds = [a for a in typing.get_args(_HINTS[key]) if a is not type(None)] or [_HINTS[key]]
-    kind = kinds[0] if len(kinds) == 1 else tuple(kinds)  # lanczos_steps: (int, str), an integer or 'auto'
-    try:
-        if value is None:
-            return None
-        if kind is float and not isinstance(value, bool):
-            return float(value)
-        if kind is int and not isinstance(value, bool) and not (isinstance(value, float) and not value.is_integer()):
-            return int(value)
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind == (int, str) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return value if value == "auto" or not isinstance(value, str) else int(value)
-        if kind is str and not isinstance(value, (list, dict, bool)):
-            return value if isinstance(value, str) else str(value)
-    except (TypeError, ValueError):
-        pass
-    what = _KIND_TEXT.get(kind, "an integer or 'auto'")
-    raise PruneLimitError(f"{source}: option {key} must be {what}, got {value!r}") from None
-
-
-def read_options_file(path: str | Path, option: str = "--config") -> dict[str, Any]:
-    """The mapping of options in a YAML file (``{}`` when empty); errors name ``option`` and the file."""
-    try:
-        return read_yaml_mapping(path, PruneLimitError)
-    except PruneLimitError as err:
-        where = _yaml_error_position(path) if "not valid YAML" in str(err) else ""
-        raise PruneLimitError(f"{option} {err}{where}") from None
-
-
-def _yaml_error_position(path: str | Path) -> str:
-    """" at line L, column C" of a YAML syntax error (mmpl.config's message names the problem, not the place)."""
-    try:
-        yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        if mark is not None:
-            return f" at line {mark.line + 1}, column {mark.column + 1}"
-    except (OSError, UnicodeDecodeError):
-        pass
-    return ""
+    return {key: None if value is None else coerce(value, _HINTS[key], f"{source}: option {key}", PruneLimitError)
+            for key, value in data.items()}
 
 
 # Which options each step's result depends on: a finished step is redone when one changes.
 STEP_SETTINGS: dict[str, tuple[str, ...]] = {
-    "train": ("model", "dataset", "seed", "lam", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "augment"),
-    "spectrum": ("lanczos_steps", "lanczos_max_steps", "lanczos_growth", "lanczos_tol", "probes", "trace_samples", "hessian_samples", "eps_batch_size", "p0", "p0_threshold"),
+    "train": ("model", "dataset", "seed", "lam", "max_dense_drop", "lam_sweep_epochs", "chance_margin", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "augment"),
+    "spectrum": ("lanczos_steps", "lanczos_max_steps", "lanczos_growth", "lanczos_tol", "lanczos_rel_tol", "lanczos_max_seconds", "lanczos_max_memory_mb", "probes", "trace_samples", "hessian_samples", "eps_batch_size", "p0", "p0_threshold"),
     "predict": ("regime_tol", "regime_min_share"),
-    "prune": ("tolerance", "save_pruned", "prune_ratio"),
+    "prune": ("tolerance", "criterion", "save_pruned", "prune_ratio"),
     "report": (),
 }
 

@@ -19,6 +19,7 @@ prediction (p*, its sensitivity to eps, the trace bound, the regime check) is
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -285,36 +286,60 @@ class ThresholdConvergence:
     """Stop rule for SLQ: end a probe's Lanczos run once p* has converged in the number of steps.
 
     At checkpoints m_0 = min_steps, m_{k+1} = ceil(growth * m_k) the Ritz quadrature of T_{m_k}
-    gives p*_k; the run stops when |p*_k - p*_{k-1}| < tol (docs/method/prunelimit.md §3.2 and §6:
-    grow m until p* moves less than 0.005). Geometric checkpoints, because the bias from
-    unresolved near-zero eigenvalues shrinks slowly: a fixed small increment can look converged
-    while p* is still drifting.
-    Pass an instance as `slq(..., stop_when=...)`; `history` keeps (m_k, p*_k) per probe.
+    gives p*_k and p* at eps/2 and 2 eps; the run stops when
+    |p*_k - p*_{k-1}| < max(tol, rel_tol * width_k), width_k = |p*(eps/2) - p*(2 eps)| at m_k:
+    a change well inside p*'s own sensitivity interval no longer matters (docs/method/prunelimit.md
+    §3.2). Geometric checkpoints, because the bias from unresolved near-zero eigenvalues shrinks
+    slowly: a fixed small increment can look converged while p* is still drifting.
+    ``max_seconds`` is a time budget shared by all probes (each gets what the earlier ones left,
+    split evenly over the probes still to run): a probe over its share stops at once.
+    Pass an instance as `slq(..., stop_when=...)`; `history` keeps (m_k, p*_k, width_k) per probe and
+    `reasons` why each probe stopped ("converged", "time budget", or None: ran to its step cap).
     """
 
     def __init__(self, weights, epsilon: float, p0: float = 0.0, tol: float = 0.005,
-                 min_steps: int = 50, growth: float = 2.0):
+                 min_steps: int = 50, growth: float = 2.0, *, rel_tol: float = 0.0,
+                 max_seconds: float | None = None, num_probes: int = 1):
         if growth <= 1.0 or min_steps < 1:
             raise PruneLimitError(f"need growth > 1 and min_steps >= 1, got {growth}, {min_steps}")
         self.curve = weights if isinstance(weights, RadiusCurve) else radius_curve(weights)
         self.epsilon, self.p0 = check_eps(epsilon), check_p0(p0)
         self.tol, self.min_steps, self.growth = float(tol), int(min_steps), float(growth)
-        self.history: list[list[tuple[int, float]]] = []
+        self.rel_tol, self.max_seconds, self.num_probes = float(rel_tol), max_seconds, max(int(num_probes), 1)
+        self.history: list[list[tuple[int, float, float]]] = []
+        self.reasons: list[str | None] = []
         self._next = self.min_steps
+        self._start = self._probe_deadline = None
 
     def reset(self) -> None:
+        now = time.perf_counter()
+        self._start = now if self._start is None else self._start
+        if self.max_seconds is not None:
+            left = self.max_seconds - (now - self._start)
+            self._probe_deadline = now + left / max(self.num_probes - len(self.history), 1)
         self.history.append([])
+        self.reasons.append(None)
         self._next = self.min_steps
 
     def __call__(self, alpha: np.ndarray, beta: np.ndarray) -> bool:
         if not self.history:
             self.reset()
         k = len(alpha)
+        if self._probe_deadline is not None and time.perf_counter() > self._probe_deadline:
+            self.reasons[-1] = "time budget"
+            return True
         if k < self._next:
             return False
         self._next = max(k + 1, int(math.ceil(self._next * self.growth)))
-        nodes, weights = tridiag_ritz(alpha, beta[: k - 1])
-        p = solve_threshold(self.curve, (nodes, weights), self.epsilon, self.p0)
+        measure = tridiag_ritz(alpha, beta[: k - 1])
+        p = solve_threshold(self.curve, measure, self.epsilon, self.p0)
+        width = 0.0
+        if self.rel_tol > 0:
+            ends = [solve_threshold(self.curve, measure, self.epsilon * f, self.p0) for f in (0.5, 2.0)]
+            width = abs(ends[1] - ends[0])
         runs = self.history[-1]
-        runs.append((k, p))
-        return len(runs) >= 2 and abs(runs[-1][1] - runs[-2][1]) < self.tol
+        runs.append((k, p, width))
+        if len(runs) >= 2 and abs(runs[-1][1] - runs[-2][1]) < max(self.tol, self.rel_tol * width):
+            self.reasons[-1] = "converged"
+            return True
+        return False

@@ -17,12 +17,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmpl.config import read_yaml_mapping
 from mmpl.device import resolve_device
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
 from mmpl.jsonio import dumps, read_json, write_json, write_text
 
 from . import distributed
-from .config import RunConfig, coerce_options, read_options_file, step_settings
+from .config import RunConfig, coerce_options, step_settings
 from .errors import PruneLimitError
 
 STEPS = ("train", "spectrum", "predict", "prune", "report")
@@ -201,7 +202,7 @@ def open_run(out: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
 
 def _stored_config(run: RunDirectory, config_path: Path, overrides: dict[str, Any]) -> RunConfig:
     """config.yaml with ``overrides`` on top; refused when the model or dataset differ."""
-    stored = RunConfig.from_dict(read_options_file(config_path, "run directory file"), str(config_path))
+    stored = RunConfig.from_dict(read_yaml_mapping(config_path, PruneLimitError, "run directory file"), str(config_path))
     stored.validate(str(config_path), keys={f.name for f in fields(RunConfig)} - set(overrides))
     differ = {k: (getattr(stored, k), overrides[k]) for k in ("model", "dataset")
               if k in overrides and overrides[k] != getattr(stored, k)}

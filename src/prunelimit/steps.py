@@ -7,6 +7,7 @@ prune -> actual.json, report -> report.json (plus the PNGs).
 from __future__ import annotations
 
 import copy
+import time
 from typing import Callable
 
 import numpy as np
@@ -15,7 +16,8 @@ from mmpl.jsonio import write_json
 from torch import nn
 
 from . import distributed
-from .context import Context, loss_fn
+from .context import EVAL_BATCH_SIZE, Context, loss_fn
+from .criteria import check_not_chance, prediction_interval, tolerance_summary
 from .data import BatchIterable, subset_indices
 from .epsilon import loss_epsilon
 from .errors import PruneLimitError
@@ -23,6 +25,7 @@ from .estimators import SpectrumEstimate, hessian_rows_null_mass, hutchinson_tra
 from .geometry import ThresholdConvergence, lomp_regime_fraction, radius_curve, solve_threshold
 from .hessian import HessianOperator, hessian_operator
 from .io import save_state_dict
+from .lamsweep import sweep_lambda
 from .params import num_weights, prunable_parameters, weights_vector
 from .prediction import ThresholdPrediction, predict_limit
 from .preflight import check_eps_batches
@@ -36,16 +39,19 @@ from .summary import build_report
 def step_train(ctx: Context) -> dict:
     """l1-regularised training from a seeded initialisation; dense test accuracy and loss."""
     cfg, bundle = ctx.config, ctx.bundle
+    sweep = sweep_lambda(ctx) if cfg.lam == "auto" else None
+    lam = sweep.chosen if sweep is not None else float(cfg.lam)
     model = ctx.build_model(bundle.in_shape, bundle.num_classes)
     num_prunable = num_weights(prunable_parameters(model))
     ctx.log(f"train: {cfg.model} on {cfg.dataset} ({len(bundle.train)} train / {len(bundle.test)} test), "
-            f"D = {num_prunable} prunable weights, lam = {cfg.lam:g}, {cfg.epochs} epochs")
+            f"D = {num_prunable} prunable weights, lam = {lam:g}{' (auto)' if sweep else ''}, {cfg.epochs} epochs")
     history = train_l1(
-        model, loss_fn(), bundle.train, cfg.lam, cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
+        model, loss_fn(), bundle.train, lam, cfg.epochs, lr=cfg.lr, momentum=cfg.momentum,
         weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, schedule=cfg.schedule, seed=cfg.seed,
         device=ctx.device, progress=ctx.progress, augment=bundle.augment if cfg.augment else None,
     )
     test_acc, test_loss = evaluate(model, loss_fn(), ctx.test_batches(), ctx.device)
+    check_not_chance(test_acc, bundle.num_classes, cfg.chance_margin, lam)  # before anything is written
     w = weights_vector(model)
     save_state_dict(ctx.run.file(MODEL_FILE), model.state_dict(), metadata={"model": cfg.model, "dataset": cfg.dataset})
     write_json(ctx.run.file(MODEL_INFO_FILE), {
@@ -54,6 +60,8 @@ def step_train(ctx: Context) -> dict:
     })
     last = history.epochs[-1] if history.epochs else None
     return {
+        "lam": lam,
+        "lam_sweep": sweep.to_dict() if sweep is not None else None,
         "test_accuracy_dense": test_acc,
         "test_loss_dense": test_loss,
         "train_accuracy": last.train_accuracy if last else None,
@@ -78,7 +86,7 @@ def step_spectrum(ctx: Context) -> dict:
     null_mass = hessian_rows_null_mass(op, threshold=cfg.p0_threshold, progress=ctx.progress) if use_p0 else None
     p0 = null_mass.p0 if null_mass is not None else 0.0
     w = weights_vector(model)
-    spectrum, stop, converged = _lanczos(ctx, op, w, epsilon, p0)
+    spectrum, stop, converged, budget = _lanczos(ctx, op, w, epsilon, p0)
     trace = hutchinson_trace(op, cfg.trace_samples, seed=cfg.seed + 1, progress=ctx.progress)
     curve = radius_curve(w)
     per_probe = [solve_threshold(curve, (spectrum.nodes[k:k + 1], spectrum.weights[k:k + 1]), epsilon, p0)
@@ -95,6 +103,8 @@ def step_spectrum(ctx: Context) -> dict:
         "lanczos_steps_per_probe": [int(s) for s in spectrum.steps],
         "lanczos_auto": stop is not None,
         "lanczos_converged": converged,
+        "lanczos_stop_reasons": budget.pop("stop_reasons"),
+        "lanczos_budget": budget,
         "convergence_history": [[list(map(float, kp)) for kp in run] for run in stop.history] if stop else None,
         "probes": spectrum.num_probes,
         "p_star_per_probe": per_probe,
@@ -123,28 +133,40 @@ def _spectrum_data(ctx: Context) -> tuple[BatchIterable, BatchIterable]:
 
 
 def _lanczos(ctx: Context, op: HessianOperator, w: np.ndarray, epsilon: float, p0: float):
-    """SLQ with m fixed, or grown until p* settles ("auto"): (spectrum, stop rule or None, converged or None)."""
+    """SLQ with m fixed, or grown until p* settles ("auto"): (spectrum, stop rule or None, converged or None, budget).
+
+    m never exceeds what lanczos_max_memory_mb holds (the basis is m x D float64); in auto mode the
+    runs also share a time budget of lanczos_max_seconds.
+    """
     cfg = ctx.config
     auto = cfg.lanczos_steps == "auto"
+    memory_steps = max(2, int(cfg.lanczos_max_memory_mb * 2**20 // (8 * op.dim)))
+    wanted = cfg.lanczos_max_steps if auto else int(cfg.lanczos_steps)
+    num_steps = min(wanted, memory_steps)
     stop = None
     if auto:
-        stop = ThresholdConvergence(w, epsilon, p0, tol=cfg.lanczos_tol, min_steps=min(50, cfg.lanczos_max_steps),
-                                    growth=cfg.lanczos_growth)
-        num_steps = cfg.lanczos_max_steps
-    else:
-        num_steps = int(cfg.lanczos_steps)
+        stop = ThresholdConvergence(w, epsilon, p0, tol=cfg.lanczos_tol, min_steps=min(50, num_steps),
+                                    growth=cfg.lanczos_growth, rel_tol=cfg.lanczos_rel_tol,
+                                    max_seconds=cfg.lanczos_max_seconds, num_probes=cfg.probes)
+    start = time.perf_counter()
     spectrum = slq(op, num_steps=num_steps, num_probes=cfg.probes, seed=cfg.seed, progress=ctx.progress, stop_when=stop)
-    converged = None
+    budget = {"memory_mb": cfg.lanczos_max_memory_mb, "memory_step_cap": memory_steps, "step_cap": num_steps,
+              "capped_by_memory": memory_steps < wanted, "max_seconds": cfg.lanczos_max_seconds if auto else None,
+              "seconds": time.perf_counter() - start, "basis_mb": num_steps * op.dim * 8 / 2**20}
+    if memory_steps < wanted:
+        ctx.log(f"spectrum: m capped at {memory_steps} by the memory budget ({cfg.lanczos_max_memory_mb:g} MiB for "
+                f"{op.dim} weights; --lanczos-max-memory-mb)")
+    converged = reasons = None
     if auto:
-        # Converged: the last two checkpoints agree, or the run ended early (breakdown, m = D).
-        converged = all(
-            (len(hist) >= 2 and abs(hist[-1][1] - hist[-2][1]) < cfg.lanczos_tol) or int(s) < num_steps or int(s) >= op.dim
-            for hist, s in zip(stop.history, spectrum.steps)
-        )
+        # Converged: p* settled, or the run ended early (breakdown, m = D); not: a budget or the step cap ended it.
+        reasons = [r if r is not None else ("breakdown or m = D" if int(s) < num_steps or int(s) >= op.dim else "step cap")
+                   for r, s in zip(stop.reasons, spectrum.steps)]
+        converged = all(r in ("converged", "breakdown or m = D") for r in reasons)
         if not converged:
-            ctx.log(f"spectrum: p* had not settled to {cfg.lanczos_tol} after {num_steps} Lanczos steps; "
-                    "raise lanczos_max_steps for a steadier estimate")
-    return spectrum, stop, converged
+            ctx.log(f"spectrum: p* had not settled for every probe ({', '.join(reasons)}); raise "
+                    "--lanczos-max-seconds / --lanczos-max-steps for a steadier estimate")
+    budget["stop_reasons"] = reasons
+    return spectrum, stop, converged, budget
 
 
 def load_spectrum(record: dict) -> SpectrumEstimate:
@@ -167,8 +189,10 @@ def step_predict(ctx: Context) -> dict:
     """p* from G(R(p)) = p, kept fraction, trace bound, sensitivity to eps, LOMP-regime check."""
     prediction = prediction_from_files(ctx)
     payload = prediction.to_dict()
+    per_probe = ctx.run.read_result("spectrum").get("p_star_per_probe") or []
     payload.update({
         "predicted_threshold": prediction.predicted_ratio,
+        "predicted_interval": prediction_interval(prediction.predicted_ratio, prediction.sensitivity, per_probe),
         "warning": None if prediction.in_lomp_regime else prediction.lomp_message,
     })
     ctx.log(f"predict: p* = {prediction.predicted_ratio:.4f} (keep {prediction.kept_fraction:.2%}); "
@@ -189,10 +213,16 @@ def step_prune(ctx: Context) -> dict:
 
     search = actual_threshold(model, eval_fn, tolerance=cfg.tolerance, progress=ctx.progress)
     payload = search.to_dict()
-    payload["actual_threshold"] = search.threshold
+    payload["actual_threshold"] = search.threshold if cfg.criterion == "first-drop" else search.released_threshold
+    payload["criterion"] = cfg.criterion
+    payload["tolerance_meaning"] = tolerance_summary(search.dense_accuracy, len(ctx.bundle.test), cfg.tolerance)
+    payload["train_data"] = _train_threshold(ctx, model, loss)
     payload["beyond"] = _beyond_threshold(model, eval_fn, search)
-    ctx.log(f"prune: actual threshold {search.threshold:.4f} (keep {search.kept_fraction:.2%}) after "
-            f"{search.num_evaluations} evaluations; released criterion {search.released_threshold:.4f}")
+    meaning = payload["tolerance_meaning"]
+    ctx.log(f"prune: actual threshold {search.threshold:.4f} (keep {search.kept_fraction:.2%}; tolerance "
+            f"{meaning['tolerance_points']:g} points of {meaning['test_size']} test samples, dense accuracy +- "
+            f"{meaning['dense_accuracy_stderr_points']:.2f} points) after {search.num_evaluations} evaluations; "
+            f"released criterion {search.released_threshold:.4f}; on train data {payload['train_data']['threshold']:.4f}")
     prediction = ctx.run.read_result("predict")
     ratio, source = None, None
     if cfg.prune_ratio is not None:
@@ -204,6 +234,15 @@ def step_prune(ctx: Context) -> dict:
     elif cfg.save_pruned:
         ctx.log("prune: --save-pruned needs a prediction (run `predict` first) or --prune-ratio; nothing saved")
     return payload
+
+
+def _train_threshold(ctx: Context, model: nn.Module, loss) -> dict:
+    """The actual threshold measured on the (non-augmented) training set, same tolerance."""
+    train = BatchIterable(ctx.bundle.train, EVAL_BATCH_SIZE, device=ctx.device)
+    search = actual_threshold(model, lambda m: evaluate(m, loss, train, ctx.device), tolerance=ctx.config.tolerance)
+    return {"threshold": search.threshold, "released_threshold": search.released_threshold,
+            "dense_accuracy": search.dense_accuracy, "num_evaluations": search.num_evaluations,
+            "size": len(ctx.bundle.train)}
 
 
 def _at_ratio(ctx: Context, model: nn.Module, eval_fn: Callable, ratio: float, source: str, dense: float) -> dict:

@@ -22,11 +22,16 @@ def build_report(run: RunDirectory, cfg: RunConfig) -> dict:
         "dataset": cfg.dataset,
         "predicted_threshold": prediction["predicted_threshold"],
         "predicted_kept_fraction": prediction["kept_fraction"],
-        "actual_threshold": actual["threshold"],
-        "actual_kept_fraction": actual["kept_fraction"],
+        "predicted_interval": prediction.get("predicted_interval"),
+        "actual_threshold": actual.get("actual_threshold", actual["threshold"]),
+        "actual_kept_fraction": 1.0 - actual.get("actual_threshold", actual["threshold"]),
+        "actual_criterion": actual.get("criterion", "first-drop"),
+        "actual_threshold_first_drop": actual["threshold"],
+        "actual_threshold_train_data": (actual.get("train_data") or {}).get("threshold"),
         "actual_threshold_released_criterion": actual["released_threshold"],
-        "difference_predicted_minus_actual": prediction["predicted_threshold"] - actual["threshold"],
+        "difference_predicted_minus_actual": prediction["predicted_threshold"] - actual.get("actual_threshold", actual["threshold"]),
         "tolerance": actual["tolerance"],
+        "tolerance_meaning": actual.get("tolerance_meaning"),
         "threshold_search_evaluations": actual["num_evaluations"],
         "test_accuracy_at_predicted": at_ratio.get("test_accuracy") if at_ratio.get("source") == "predicted" else None,
         "epsilon": spectrum["epsilon"],
@@ -42,6 +47,8 @@ def build_report(run: RunDirectory, cfg: RunConfig) -> dict:
         "lanczos_steps_per_probe": spectrum["lanczos_steps_per_probe"],
         "lanczos_auto": spectrum["lanczos_auto"],
         "lanczos_converged": spectrum["lanczos_converged"],
+        "lanczos_stop_reasons": spectrum.get("lanczos_stop_reasons"),
+        "lanczos_budget": spectrum.get("lanczos_budget"),
         "probes": spectrum["probes"],
         "p_star_per_probe": spectrum["p_star_per_probe"],
         "hessian_samples": spectrum["hessian_samples"],
@@ -49,7 +56,9 @@ def build_report(run: RunDirectory, cfg: RunConfig) -> dict:
         "num_prunable": train["num_prunable"],
         "test_accuracy_dense": train["test_accuracy_dense"],
         "test_loss_dense": train["test_loss_dense"],
-        "lam": cfg.lam,
+        "lam": train.get("lam", cfg.lam),
+        "lam_auto": cfg.lam == "auto",
+        "lam_sweep": train.get("lam_sweep"),
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "regime_fraction": prediction["near_zero_fraction"],
@@ -82,6 +91,7 @@ def summary_lines(report: dict) -> list[str]:
         f"actual threshold       = {report['actual_threshold']:.4f} (keep {report['actual_kept_fraction']:.2%}; "
         f"released criterion {report['actual_threshold_released_criterion']:.4f})",
         f"difference predicted - actual = {report['difference_predicted_minus_actual']:+.4f}",
+        *_meaning_lines(report),
         f"eps = {report['epsilon']:.4g} (p* at eps/2: {report['sensitivity']['p_star_eps_half']:.4f}, at 2 eps: "
         f"{report['sensitivity']['p_star_eps_double']:.4f}), Tr(H) = {report['trace']:.4g}, p0 = {report['p0']:.3f}"
         f"{'' if report['p0_used'] else ' (not used)'}, m = {report['lanczos_steps']}, probes = {report['probes']}",
@@ -90,4 +100,23 @@ def summary_lines(report: dict) -> list[str]:
     ]
     if report.get("warning"):
         lines.append("warning: " + report["warning"])
+    return lines
+
+
+def _meaning_lines(report: dict) -> list[str]:
+    """lambda (and its sweep), the tolerance against the test set's noise, p*'s interval, the train-data threshold."""
+    lines = []
+    sweep = report.get("lam_sweep")
+    if sweep:
+        lines.append(f"lam = {report['lam']:g} (auto: largest of {len(sweep['lams'])} swept with validation accuracy >= "
+                     f"{sweep['bar']:.4f} = lam-0 accuracy {sweep['baseline_accuracy']:.4f} - {100 * sweep['max_drop']:g} points)")
+    meaning = report.get("tolerance_meaning")
+    if meaning:
+        lines.append(f"tolerance {meaning['tolerance_points']:g} points = {meaning['tolerance_samples']:.1f} of "
+                     f"{meaning['test_size']} test samples; dense accuracy standard error "
+                     f"{meaning['dense_accuracy_stderr_points']:.2f} points; actual threshold on train data "
+                     f"{report.get('actual_threshold_train_data', float('nan')):.4f}")
+    interval = report.get("predicted_interval")
+    if interval:
+        lines.append(f"p* interval (eps/2..2 eps, single probes): [{interval['low']:.4f}, {interval['high']:.4f}]")
     return lines

@@ -45,3 +45,13 @@ def vgg16(in_shape: Sequence[int], num_classes: int) -> VGG:
     """VGG16 with batch norm (13 conv layers, CIFAR head)."""
     channels, height, width = image_shape(in_shape, "vgg16")
     return VGG(VGG16_CFG, channels, num_classes, image_size=min(height, width))
+
+
+VGG_SMALL_CFG = (8, "M", 16, "M", 32, "M")
+
+
+@register_model("vgg_small", family="vgg", uses_conv=True, default_lam=1e-4)
+def vgg_small(in_shape: Sequence[int], num_classes: int) -> VGG:
+    """A small VGG-style net with batch norm (8-16-32 conv widths, CIFAR head) for MNIST-size data on a CPU."""
+    channels, height, width = image_shape(in_shape, "vgg_small")
+    return VGG(VGG_SMALL_CFG, channels, num_classes, image_size=min(height, width))
