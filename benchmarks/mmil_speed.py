@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, peak, peak32, args.precision)
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine distort timings)")
     if args.json:
-        from mmil.io import write_json
+        from mmpl.jsonio import write_json
 
         write_json(args.json, {"precision": args.precision, "mm_peak_gflops": peak, "mm_peak_fp32_gflops": peak32,
                                "rows": [dict(asdict(r), speedup=r.speedup) for r in rows]})

@@ -20,8 +20,8 @@ from mmil.bench import (
     peak_of_running_sum,
     summarize,
 )
+from mmil.bench_config import parse_size
 from mmil.cli import main
-from mmil.cli.bench import parse_size
 from mmil.data.synth import write_synthetic_dataset
 from mmil.models import create_model
 
@@ -90,6 +90,10 @@ def test_bench_writes_every_file_with_the_right_columns(first_run):
     for m in MODELS:
         auc_mean = np.mean([float(r["auc"]) for r in rows if r["model"] == m])
         assert f"| {m} | {auc_mean:.3f} ± " in summary
+    # statistics (tests/test_bench_stats.py checks the numbers): one stats.csv row per model, the verdict in summary.md
+    _, stats = read_csv(first_run / "stats.csv")
+    assert [r["model"] for r in stats] == list(MODELS) and sum(r["test"] == "reference" for r in stats) == 1
+    assert "## Statistics on the pooled out-of-fold predictions" in summary and "significantly different from" in summary
 
 
 def test_bench_metrics_are_those_of_the_crossval_runs(first_run):

@@ -99,7 +99,7 @@ def test_evaluate_and_predict(trained_run, synth_dir, tmp_path, capsys):
     out_csv = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(ckpt), "--features", str(synth_dir / "features"), "--out", str(out_csv), "--grouping", "sequential", "--seed", "1"]) == 0
     rows = list(csv.reader(open(out_csv)))
-    assert rows[0] == ["slide_id", "prob_0", "prob_1", "pred"]
+    assert rows[0] == ["slide_id", "prob_0", "prob_1", "pred", "repeat_std"]  # calibrated probabilities; spread of the repeats
     assert len(rows) == 13
     probs = np.array([[float(v) for v in r[1:3]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)

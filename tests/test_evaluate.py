@@ -6,12 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from mmpl.jsonio import to_builtin
 
 from mmil.checkpoint import save_checkpoint
 from mmil.data import BagDataset
 from mmil.data.synth import synthetic_bags
 from mmil.errors import MMILInputError
-from mmil.evaluate import classification_metrics, json_safe, load_for_inference, predict_probs, predictions_csv, repeated_metrics
+from mmil.evaluate import classification_metrics, load_for_inference, predict_probs, predictions_csv, repeated_metrics
 from mmil.models import create_model
 from mmil_toys import ToyAttnMIL, naive_auc, register_toys
 
@@ -66,10 +67,10 @@ def test_multiclass_auc_is_macro_one_vs_rest():
     assert (m["accuracy"], m["balanced_accuracy"], m["f1"]) == pytest.approx((acc, bacc, f1))
 
 
-def test_auc_undefined_for_one_class_and_json_safe():
+def test_auc_undefined_for_one_class_and_json_null():
     m = classification_metrics([1, 1, 1], np.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
     assert math.isnan(m["auc"]) and m["accuracy"] == pytest.approx(1 / 3)
-    assert json_safe({"a": [m["auc"], 1.0]}) == {"a": [None, 1.0]}
+    assert to_builtin({"a": [m["auc"], 1.0]}) == {"a": [None, 1.0]}
 
 
 def test_repeated_metrics_mean_std_and_ensemble():

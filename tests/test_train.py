@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from mmpl.jsonio import to_builtin
 from safetensors.torch import load_file
 
 from mmil.checkpoint import load_checkpoint
@@ -12,7 +13,7 @@ from mmil.data import BagDataset, load_dataset
 from mmil.data.bags import Bag
 from mmil.data.synth import synthetic_bags
 from mmil.errors import MMILInputError
-from mmil.evaluate import json_safe, predict_probs
+from mmil.evaluate import predict_probs
 from mmil.models import create_model
 from mmil.train import LAST_STATE_NAME, EarlyStopping, class_weight_vector, derived_seed, nll_of_probs, train_fold
 from mmil_toys import register_toys, state_equal
@@ -24,8 +25,13 @@ def _easy(n=16, seed=0, dim=8, lo=20, hi=40, signal=8.0):
     return BagDataset.from_bags(synthetic_bags(n, seed=seed, in_dim=dim, min_instances=lo, max_instances=hi, signal=signal, positive_fraction=(0.1, 0.2)))
 
 
+RECIPE_V1 = dict(lr_schedule="constant", warmup_epochs=0.0, grad_clip=None, instance_dropout=0.0, feature_noise=0.0,
+                 selection="loss", select_min_epoch=1)
+
+
 def _cfg(**kw):
-    base = dict(epochs=6, min_epochs=100, patience=50, lr=1e-2, progress=False)
+    # the recipe before issue 10 (configs/mmil_recipe_v1.yaml): these tests check the loop's mechanics
+    base = dict(epochs=6, min_epochs=100, patience=50, lr=1e-2, progress=False, **RECIPE_V1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -35,7 +41,7 @@ def _last_model_state(out_dir):
 
 
 def _strip_seconds(history):
-    return json_safe([{k: v for k, v in h.items() if k != "seconds"} for h in history])
+    return to_builtin([{k: v for k, v in h.items() if k != "seconds"} for h in history])
 
 
 def test_early_stopping_rule():
@@ -295,18 +301,19 @@ def test_crossval_fixed_split_and_multiclass(tmp_path):
 
 def test_config_yaml_errors_name_the_file(tmp_path):
     from mmil.bench import BenchConfig
-    from mmil.config import ExperimentConfig, read_yaml_mapping
+    from mmil.config import ExperimentConfig
     from mmil.errors import MMILInputError
+    from mmpl.config import read_yaml_mapping
 
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
-    assert read_yaml_mapping(empty) == {}
+    assert read_yaml_mapping(empty, MMILInputError) == {}
     cases = {"missing.yaml": (None, "config file not found"), "bad.yaml": ("a: [1,", "not valid YAML"), "list.yaml": ("- 1\n- 2\n", "must be a mapping")}
     for name, (text, message) in cases.items():
         path = tmp_path / name
         if text is not None:
             path.write_text(text)
-        for load in (read_yaml_mapping, ExperimentConfig.from_yaml, BenchConfig.from_yaml):
+        for load in (lambda p: read_yaml_mapping(p, MMILInputError), ExperimentConfig.from_yaml, BenchConfig.from_yaml):
             with pytest.raises(MMILInputError, match=message) as err:
                 load(path)
             assert str(path) in str(err.value)

@@ -43,8 +43,10 @@ def test_slides_to_heatmaps(tmp_path):
     label_csv.write_text("slide_id,label\n" + "".join(f"{s},{y}\n" for s, y in labels.items()))
     dataset = load_dataset(feats, label_csv)
     assert len(dataset) == N_SLIDES and dataset.in_dim == 1024
-    cfg = TrainConfig(epochs=8, min_epochs=8, patience=100, lr=1e-3, seed=0, standardize=True, progress=False)
-    model_kwargs = {"num_subbags": 4, "embed_dim": 64, "heads": 4, "head_dim": 16}
+    # the pipeline under the recipe its thresholds were set with (configs/mmil_recipe_v1.yaml, issue 10)
+    cfg = TrainConfig(epochs=8, min_epochs=8, patience=100, lr=1e-3, seed=0, standardize=True, progress=False, grad_clip=None,
+                      selection="loss", select_min_epoch=1, lr_schedule="constant", warmup_epochs=0.0, instance_dropout=0.0, feature_noise=0.0)
+    model_kwargs = {"num_subbags": 4, "embed_dim": 64, "heads": 4, "head_dim": 16, "mask_ratio": 0.0, "min_subbag_size": None}
     result = train_fold(dataset, None, "mmil", model_kwargs, cfg, tmp_path / "train")
 
     assert main(["heatmap", "--checkpoint", str(result.checkpoint_dir), "--features", str(feats), "--slides", str(slides),

@@ -167,7 +167,8 @@ def heatmap_inputs(tmp_path):
     torch.manual_seed(0)
     kwargs = {"in_dim": 8, "n_classes": 2, "embed_dim": 16, "num_subbags": 3, "heads": 2, "head_dim": 8}
     model = create_model("mmil", **kwargs)
-    ckpt = save_checkpoint(tmp_path / "ckpt", model, "mmil", kwargs, {"class_names": ["normal", "tumor"]})
+    # the model's full options (a checkpoint without min_subbag_size is read as one made before it existed)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, "mmil", dict(model.init_kwargs), {"class_names": ["normal", "tumor"]})
     return tmp_path, slides, feats, ckpt, coords, model
 
 

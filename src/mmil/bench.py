@@ -53,6 +53,7 @@ from .bench_dir import (  # noqa: F401 - the state records of runs/<model>/ (re-
     train_fingerprint as _train_fingerprint,
 )
 from .bench_report import (  # noqa: F401 - re-exported
+    CALIBRATION_COLUMNS,
     COST_COLUMNS,
     METRICS,
     RESULT_COLUMNS,
@@ -68,6 +69,7 @@ from .bench_report import (  # noqa: F401 - re-exported
     summarize,
     summary_markdown,
 )
+from .bench_stats import kept_epochs, model_statistics, stats_csv_text, stats_markdown
 from .errors import MMILInputError
 from .evaluate import resolve_device
 from .models import create_model
@@ -86,6 +88,8 @@ def _fold_rows(dataset, name: str, cfg: BenchConfig, result, params: int) -> tup
         row = {"model": name, "fold": int(fold.fold)}
         row.update({m: float(fold.metrics[m]) for m in METRICS})
         row.update({"train_seconds": float(fold.train_seconds), "inference_ms_per_bag": ms, "peak_memory_mb": peak, "params": params})
+        row.update({c: float((fold.metrics.get("calibration") or {}).get(c, np.nan)) for c in CALIBRATION_COLUMNS})
+        row["best_epoch"] = int(fold.best_epoch)  # the kept epoch (not a results.csv column; summary.md lists it)
         rows.append(row)
         y_true.extend(int(y) for y in np.asarray(fold.y_true))
         probs.extend(np.asarray(fold.probs, dtype=np.float64).tolist())
@@ -213,7 +217,9 @@ def _write_reports(dataset, cfg: BenchConfig, out_dir: Path, benches, summary, c
     }
     write_text(out_dir / "results.csv", results_csv_text(benches))
     write_text(out_dir / "cost.csv", cost_csv_text(cost))
-    write_text(out_dir / "summary.md", summary_markdown(summary, cost, header))
+    stats = model_statistics(benches, seed=cfg.seed)
+    write_text(out_dir / "stats.csv", stats_csv_text(stats))
+    write_text(out_dir / "summary.md", summary_markdown(summary, cost, header) + "\n" + stats_markdown(stats, kept_epochs(benches)))
     plot_roc(benches, out_dir / "roc.png")
     plot_metric_bars(summary, out_dir / "metrics.png")
     if cost:

@@ -1,16 +1,17 @@
 """The settings of ``mmil bench`` (:class:`BenchConfig`): YAML keys are the field names, and each
-field with a flag declares it once (:mod:`mmil.options`)."""
+field with a flag declares it once (:mod:`mmpl.config`)."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmpl.config import option
+from mmpl.cliargs import Range, non_negative_int, positive_float, positive_int
+from mmpl.config import ConfigFile, check_fields, option
 
 from .config import TrainConfig
 from .errors import MMILInputError
 from .models import list_models
-from .options import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, ConfigFile, Range, check_fields
 
 #: The models of issue 5, in the order tables list them (filtered by the registry).
 DEFAULT_MODELS = ("mmil", "mean", "max", "abmil", "abmil-gated", "transmil", "dsmil", "clam-sb")
@@ -31,6 +32,14 @@ def parse_size(value: str | int) -> int:
     if n < 1:
         raise MMILInputError(f"bag sizes must be >= 1, got {value!r}")
     return n
+
+
+def size_arg(text: str) -> int:
+    """The argparse type of ``--cost-sizes``: :func:`parse_size`, its error as argparse's one line."""
+    try:
+        return parse_size(text)
+    except MMILInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_model_list(text: str) -> list[str]:
@@ -61,18 +70,20 @@ class BenchConfig(ConfigFile):
             its larger sizes are skipped (recorded with status ``over budget``).
     """
 
+    config_error = MMILInputError
+
     models: list[str] | str = option(default_factory=list, metavar="NAMES",
                                      help="comma-separated registry names ('all' = every registered model)")
     model_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     folds: int = option(5, help="k of stratified k-fold cross-validation (ignored with fixed splits)", type=Range(int, 2), metavar="K")
-    repeats: int = option(1, help="stochastic evaluations of each test fold, seeds S..S+R-1", type=POSITIVE_INT, metavar="R")
-    seed: int = option(0, help="seed of folds, initial weights and evaluation, the same for every model", type=NON_NEGATIVE_INT)
+    repeats: int = option(1, help="stochastic evaluations of each test fold, seeds S..S+R-1", type=positive_int, metavar="R")
+    seed: int = option(0, help="seed of folds, initial weights and evaluation, the same for every model", type=non_negative_int)
     use_splits: bool = option(True, help="use the split column of the label CSV when present", cli=False)
-    cost_sizes: list[int | str] = option(default_factory=lambda: list(DEFAULT_COST_SIZES), cli=False,
-                                         help="bag sizes of the cost table (empty: no cost table)")
-    cost_repeats: int = option(3, help="timed forward passes per bag size (the median is reported)", type=POSITIVE_INT, cli=False)
-    cost_budget_s: float = option(60.0, flag="--cost-budget", type=POSITIVE_FLOAT, metavar="SECONDS",
+    cost_sizes: list[int | str] = option(default_factory=lambda: list(DEFAULT_COST_SIZES), type=size_arg, nargs="*", metavar="N",
+                                         help="bag sizes of the cost table, e.g. 1k 10k 0.1m (give the flag alone to skip the cost table)")
+    cost_repeats: int = option(3, help="timed forward passes per bag size (the median is reported)", type=positive_int, cli=False)
+    cost_budget_s: float = option(60.0, flag="--cost-budget", type=positive_float, metavar="SECONDS",
                                   help="skip a model's larger bag sizes once one forward pass takes longer than this")
 
     def __post_init__(self) -> None:
@@ -84,7 +95,7 @@ class BenchConfig(ConfigFile):
 
     def check(self) -> None:
         """Raise :class:`MMILInputError` for unknown models or values of the wrong type or out of range."""
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
         if not isinstance(self.models, list):
             raise MMILInputError(f"models must be a list of model names (--models), got {self.models!r}")
         known = list_models()

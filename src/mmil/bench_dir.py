@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+from mmpl.config import differences
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
 
 from .errors import MMILInputError
-from .options import differences, flatten  # noqa: F401 - flatten re-exported
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,10 +34,10 @@ STATE_VERSION = 1
 
 CONFIG_NAME = "bench_config.json"
 #: Files ``mmil bench`` writes at the top of its directory.
-BENCH_FILES = ("results.csv", "summary.md", "roc.png", "metrics.png", "cost.csv", "cost.png", CONFIG_NAME)
+BENCH_FILES = ("results.csv", "summary.md", "stats.csv", "roc.png", "metrics.png", "cost.csv", "cost.png", CONFIG_NAME)
 RUNS = "runs"
 #: Files in ``runs/<model>/``: the bench's own state and the cross-validation's files (besides ``fold_*/``).
-MODEL_FILES = ("bench.json", "cost.json", "config.yaml", "config.json", "folds.json", "metrics.json", "roc.png")
+MODEL_FILES = ("bench.json", "cost.json", "config.yaml", "config.json", "folds.json", "metrics.json", "roc.png", "reliability.png")
 #: Training options that do not change results (never compared).
 RUNTIME_TRAIN_KEYS = ("progress", "num_workers")
 HINT = "rerun with the stored settings, choose a fresh --out directory, or pass --overwrite to start it afresh"

@@ -12,7 +12,9 @@ import numpy as np
 from mmpl.fsio import atomic_path
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
-RESULT_COLUMNS = ("model", "fold", *METRICS, "train_seconds", "inference_ms_per_bag", "peak_memory_mb", "params")
+#: Calibration of each fold's test probabilities before/after its temperature (see :mod:`mmil.calibrate_run`).
+CALIBRATION_COLUMNS = ("ece_before", "ece_after", "brier_before", "brier_after")
+RESULT_COLUMNS = ("model", "fold", *METRICS, "train_seconds", "inference_ms_per_bag", "peak_memory_mb", "params", *CALIBRATION_COLUMNS)
 #: Columns that measure the machine rather than the model (they change between runs).
 TIMING_COLUMNS = ("train_seconds", "inference_ms_per_bag", "peak_memory_mb")
 COST_COLUMNS = ("model", "n_instances", "inference_ms", "peak_memory_mb", "device", "status")
@@ -45,8 +47,8 @@ def summarize(benches: Sequence[ModelBench]) -> list[dict[str, Any]]:
     out = []
     for order, b in enumerate(benches):
         s: dict[str, Any] = {"model": b.model, "params": b.params, "folds": len(b.rows), "order": order}
-        for col in (*METRICS, *TIMING_COLUMNS):
-            s[col], s[f"{col}_std"] = mean_std([r[col] for r in b.rows])
+        for col in (*METRICS, *TIMING_COLUMNS, *CALIBRATION_COLUMNS):
+            s[col], s[f"{col}_std"] = mean_std([r.get(col, math.nan) for r in b.rows])
         out.append(s)
 
     def key(s):
@@ -71,6 +73,7 @@ def results_csv_text(benches: Sequence[ModelBench]) -> str:
     w.writerow(RESULT_COLUMNS)
     for b in benches:
         for r in b.rows:
+            r = {c: math.nan for c in CALIBRATION_COLUMNS} | r  # rows of runs made before calibration
             w.writerow([_fmt(r[c], 3) if c in TIMING_COLUMNS else (repr(r[c]) if isinstance(r[c], float) else r[c]) for c in RESULT_COLUMNS])
     return buf.getvalue()
 
@@ -89,15 +92,17 @@ def summary_markdown(summary: Sequence[dict[str, Any]], cost: Sequence[dict[str,
     lines = ["# mmil bench", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", "## Cross-validated results (mean ± std over folds)", ""]
-    lines.append("| rank | model | AUC | accuracy | balanced accuracy | macro F1 | train s/fold | inference ms/bag | peak MB (largest test bag) | params |")
-    lines.append("|---:|---|---|---|---|---|---:|---:|---:|---:|")
+    lines.append("| rank | model | AUC | accuracy | balanced accuracy | macro F1 | train s/fold | inference ms/bag | peak MB (largest test bag) | params | ECE raw → T-scaled |")
+    lines.append("|---:|---|---|---|---|---|---:|---:|---:|---:|---|")
     for s in summary:
         pm = lambda c, d=3: f"{_fmt(s[c], d)} ± {_fmt(s[c + '_std'], d)}"  # noqa: E731
         lines.append(
             f"| {s['rank']} | {s['model']} | {pm('auc')} | {pm('accuracy')} | {pm('balanced_accuracy')} | {pm('f1')} | "
-            f"{_fmt(s['train_seconds'], 1)} | {_fmt(s['inference_ms_per_bag'], 2)} | {_fmt(s['peak_memory_mb'], 1)} | {s['params']:,} |"
+            f"{_fmt(s['train_seconds'], 1)} | {_fmt(s['inference_ms_per_bag'], 2)} | {_fmt(s['peak_memory_mb'], 1)} | {s['params']:,} | {_fmt(s['ece_before'], 3)} → {_fmt(s['ece_after'], 3)} |"
         )
-    lines += ["", "Ranked by mean AUC (ties: balanced accuracy). Std is the sample standard deviation over folds.", ""]
+    lines += ["", "Ranked by mean AUC (ties: balanced accuracy). Std is the sample standard deviation over folds. "
+              "ECE: adaptive-bin expected calibration error of the test probabilities, raw and after each fold's temperature "
+              "(fitted on its validation slides).", ""]
     if cost:
         sizes = sorted({int(r["n_instances"]) for r in cost})
         models = list(dict.fromkeys(r["model"] for r in cost))

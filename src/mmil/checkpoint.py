@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from mmpl.fsio import atomic_path
+from mmpl.jsonio import write_json
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import MMILInputError
-from .io import atomic_path, write_json
 from .models import create_model
 from .models.mmil_released import ReleasedCheckpointError, model_from_released
 from .models.mmil_transformer import MMILTransformer
@@ -73,6 +74,8 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
     if not weights.is_file():
         raise CheckpointError(f"{weights}: weights file missing; the checkpoint directory is incomplete")
     kwargs = dict(cfg["model_kwargs"])
+    if cfg["model"] == "mmil":
+        kwargs.setdefault("min_subbag_size", None)  # saved before adaptive sub-bags existed: grouped as then
     kwargs.update(override_kwargs)
     in_dim, n_classes = kwargs.pop("in_dim"), kwargs.pop("n_classes")
     model = create_model(cfg["model"], in_dim=in_dim, n_classes=n_classes, **kwargs)

@@ -11,7 +11,7 @@ A YAML file mirrors :class:`ExperimentConfig`::
 Unknown keys are errors naming the key, so a typo never silently falls back to
 a default. ``2e-4`` (which YAML 1.1 reads as text) is accepted for float fields.
 Each field declares its ``mmil train`` flag, help text and range once
-(:mod:`mmil.options`): the same range refuses a bad flag and a bad YAML value.
+(:mod:`mmpl.config`): the same range refuses a bad flag and a bad YAML value.
 """
 from __future__ import annotations
 
@@ -19,23 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmpl.config import option
+from mmpl.cliargs import Range, non_negative_float, non_negative_int, positive_float, positive_int
+from mmpl.config import ConfigFile, check_fields, option
 from mmpl.device import DEVICE_HELP
 from mmpl.jsonio import write_json, write_text
 
 from .errors import MMILInputError
-from .options import (
-    NON_NEGATIVE_FLOAT,
-    NON_NEGATIVE_INT,
-    POSITIVE_FLOAT,
-    POSITIVE_INT,
-    ConfigFile,
-    Range,
-    check_fields,
-    read_yaml_mapping,
-)
+from .recipe import SCHEDULES, SELECTIONS
 
-__all__ = ["PRECISIONS", "ExperimentConfig", "TrainConfig", "read_yaml_mapping"]
+__all__ = ["PRECISIONS", "ExperimentConfig", "TrainConfig"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -77,27 +69,47 @@ class TrainConfig(ConfigFile):
         standardize: z-score features with statistics of the training bags;
             ``None`` = automatic (on for MIL-benchmark CSVs, whose features are
             raw measurements, off for slide features from an encoder).
-        grad_clip: clip the gradient norm to this value (``None`` = off).
+        grad_clip: clip the gradient norm to this value (``None`` = off; 1.0 by default).
+        selection, select_window, select_min_epoch, select_margin: which epoch's weights are
+            kept (:class:`mmil.recipe.ModelSelector`; ``selection="loss"``, ``select_min_epoch=1``
+            is the recipe before issue 10).
+        lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
+        instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         num_workers: DataLoader workers reading bags in the background.
         progress: show progress bars (only on a terminal).
     """
 
-    epochs: int = option(200, help="maximum epochs", type=POSITIVE_INT, metavar="N")
-    lr: float = option(2e-4, help="AdamW learning rate", type=POSITIVE_FLOAT)
-    weight_decay: float = option(1e-4, help="AdamW weight decay", type=NON_NEGATIVE_FLOAT, metavar="WD")
-    accumulate: int = option(1, help="bags per optimiser step (gradient accumulation)", type=POSITIVE_INT, metavar="N")
-    patience: int = option(20, help="epochs without a lower validation loss before stopping", type=POSITIVE_INT, metavar="N")
-    min_epochs: int = option(50, help="no early stopping before this epoch", type=NON_NEGATIVE_INT, metavar="N")
+    config_error = MMILInputError  # what from_dict / from_yaml raise
+
+    epochs: int = option(200, help="maximum epochs", type=positive_int, metavar="N")
+    lr: float = option(2e-4, help="AdamW learning rate", type=positive_float)
+    weight_decay: float = option(1e-4, help="AdamW weight decay", type=non_negative_float, metavar="WD")
+    accumulate: int = option(1, help="bags per optimiser step (gradient accumulation)", type=positive_int, metavar="N")
+    patience: int = option(20, help="epochs without a lower validation loss before stopping", type=positive_int, metavar="N")
+    min_epochs: int = option(50, help="no early stopping before this epoch", type=non_negative_int, metavar="N")
     class_weights: bool = option(False, help="weight the loss by inverse class frequency")
-    seed: int = option(0, help="seed of the initial weights, the bag order and the stochastic passes", type=NON_NEGATIVE_INT)
+    seed: int = option(0, help="seed of the initial weights, the bag order and the stochastic passes", type=non_negative_int)
     device: str = option("cpu", help=DEVICE_HELP)
     precision: str = option("fp32", help="fp32, or bf16 autocast for training and evaluation", choices=PRECISIONS)
-    eval_repeats: int = option(1, help="stochastic passes averaged for the validation loss", type=POSITIVE_INT, cli=False)
+    eval_repeats: int = option(1, help="stochastic passes averaged for the validation loss", type=positive_int, cli=False)
     val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
                                  type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
     standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
-    grad_clip: float | None = option(None, help="clip the gradient norm to this value (null: off)", type=POSITIVE_FLOAT, cli=False)
-    num_workers: int = option(0, help="background workers reading bags", type=NON_NEGATIVE_INT, metavar="N")
+    grad_clip: float | None = option(1.0, help="clip the gradient norm to this value (null: off)", type=positive_float, cli=False)
+    selection: str = option("auc", help="model selection: auc (smoothed validation AUC, loss as tie-break) or loss (lowest validation loss)",
+                            choices=SELECTIONS, cli=False)
+    select_window: int = option(3, help="epochs over which the validation AUC is averaged for selection", type=positive_int, cli=False)
+    select_min_epoch: int = option(5, help="an epoch before this one is kept only if better than every later one by select_margin",
+                                   type=positive_int, cli=False)
+    select_margin: float = option(0.05, help="margin by which an epoch before select_min_epoch must win", type=non_negative_float, cli=False)
+    lr_schedule: str = option("cosine", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
+                              choices=SCHEDULES, cli=False)
+    warmup_epochs: float = option(1.0, help="linear learning-rate warm-up, in epochs", type=non_negative_float, cli=False)
+    instance_dropout: float = option(0.25, help="share of a bag's instances dropped at random in each training step",
+                                     type=Range(float, 0, 1, high_open=True), cli=False)
+    feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
+                                  type=non_negative_float, cli=False)
+    num_workers: int = option(0, help="background workers reading bags", type=non_negative_int, metavar="N")
     progress: bool = option(True, help="show progress bars (on a terminal)")
 
     def __post_init__(self) -> None:
@@ -105,9 +117,13 @@ class TrainConfig(ConfigFile):
 
     def check(self) -> None:
         """Coerce the fields to their types; raise :class:`MMILInputError` for values out of range."""
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.selection not in SELECTIONS:
+            raise MMILInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise MMILInputError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
 
 
 
@@ -128,19 +144,21 @@ class ExperimentConfig(ConfigFile):
         features, labels: the data the run used (recorded for reproduction).
     """
 
-    model: str = option("mmil", help="registered model: %(choices)s", choices=RegisteredModels())
+    config_error = MMILInputError
+
+    model: str = option("mmil", help="registered model: %(choices)s", choices=RegisteredModels(), metavar="MODEL")
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     folds: int = option(5, help="k of stratified k-fold (ignored with a fixed split)", type=Range(int, 2), metavar="K")
     repeats: int = option(10, help="R stochastic evaluations of each test fold, seeds seed..seed+R-1 (10 is the paper's protocol)",
-                          type=POSITIVE_INT, metavar="R")
-    seed: int = option(0, help="seed of folds, training and evaluation", type=NON_NEGATIVE_INT)
+                          type=positive_int, metavar="R")
+    seed: int = option(0, help="seed of folds, training and evaluation", type=non_negative_int)
     use_splits: bool = option(True, help="use the split or fold column of the label CSV when present", cli=False)
     features: str | None = None
     labels: str | None = None
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
 
     def save(self, directory: str | Path) -> None:
         """Write ``config.yaml`` and ``config.json`` into ``directory`` (atomically)."""

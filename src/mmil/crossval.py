@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from mmpl.config import differences
 from mmpl.fsio import remove_stale_temp_files
 from mmpl.jsonio import nan_from_null, to_builtin, write_json, write_text
 
+from .calibrate_run import calibrate_fold, fold_calibration_fields, plot_run_reliability, summarize_calibration
 from .config import ExperimentConfig, TrainConfig
 from .data.dataset import BagDataset
 from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
 from .errors import MMILInputError
 from .evaluate import METRIC_NAMES, mean_std, predict_probs, predictions_csv, repeated_metrics, resolve_device
 from .plots import plot_roc
-from .options import differences
 from .rng import private_rng
 from .train import LAST_STATE_NAME, train_fold
 
@@ -74,6 +75,7 @@ class FoldOutcome:
         for name in METRIC_NAMES:
             d[f"{name}_std"] = self.metrics[f"{name}_std"]
         d["ensemble"] = self.metrics["ensemble"]
+        d.update(fold_calibration_fields(self.metrics))
         d.update(
             n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, best_epoch=self.best_epoch,
             epochs_run=self.epochs_run, stopped_early=self.stopped_early, train_seconds=round(self.train_seconds, 3),
@@ -103,6 +105,7 @@ def summarize(outcomes: Sequence[FoldOutcome], header: dict[str, Any] | None = N
         ens[name], ens[f"{name}_std"] = mean_std([o.metrics["ensemble"][name] for o in outcomes])
     out["ensemble"] = ens
     out["repeat_std"] = {name: mean_std([o.metrics[f"{name}_std"] for o in outcomes])[0] for name in METRIC_NAMES}
+    out["calibration"] = summarize_calibration([o.metrics.get("calibration") for o in outcomes])
     out["n_folds"] = len(outcomes)
     out["train_seconds"] = round(sum(o.train_seconds for o in outcomes), 3)
     out["folds"] = [o.summary() for o in outcomes]
@@ -134,7 +137,7 @@ def _fold_plan_json(plan: list[FoldSplit], slide_ids: list[str]) -> list[dict[st
 #: ``epochs`` is not among them: finished folds would mix two schedules.
 RUNTIME_OPTIONS = ("progress", "device", "num_workers")
 #: Files a run writes at its top level (``--overwrite`` removes these and the fold directories only).
-RUN_FILES = ("config.yaml", "config.json", "folds.json", "metrics.json", "roc.png")
+RUN_FILES = ("config.yaml", "config.json", "folds.json", "metrics.json", "roc.png", "reliability.png")
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +298,7 @@ def cross_validate(
         raise
     summary = to_builtin(summarize(outcomes, header))
     plot_roc([o.y_true for o in outcomes], [o.probs for o in outcomes], out_dir / "roc.png", class_names=dataset.class_names, title=f"{model_name}: ROC, repeat-averaged test probabilities")
+    plot_run_reliability(outcomes, out_dir / "reliability.png", title=f"{model_name}: reliability, out-of-fold test slides")
     write_json(out_dir / "metrics.json", summary)
     return CrossValResult(outcomes, summary, out_dir)
 
@@ -313,6 +317,9 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
         test = test.with_standardization(*trained.standardization)
     probs_r = predict_probs(model, test, seed=seed, repeats=repeats, device=cfg.device, precision=cfg.precision, progress=False)
     metrics = repeated_metrics(test.labels, probs_r)
+    val = dataset.subset(fs.val) if trained.standardization is None else dataset.subset(fs.val).with_standardization(*trained.standardization)
+    metrics["calibration"] = calibrate_fold(model, val, trained.checkpoint_dir, test.labels, probs_r, seed=seed, repeats=repeats,
+                                            device=cfg.device, precision=cfg.precision)
     probs = probs_r.mean(0)
     outcome = FoldOutcome(
         # rounded as stored, so a resumed run sums the same per-fold values into the total

@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from mmpl.device import resolve_device as _resolve_device
-from mmpl.jsonio import to_builtin as json_safe  # noqa: F401 - the one NaN policy (NaN -> None), under its old name
 from mmpl.progress import progress as _progress
 from torch import nn
 
@@ -214,13 +213,21 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     progress: bool = False,
+    calibration: dict[str, Any] | None = None,
     **override_kwargs,
 ) -> dict[str, Any]:
-    """Repeated evaluation of a checkpoint on a labelled dataset (see :func:`repeated_metrics`)."""
+    """Repeated evaluation of a checkpoint on a labelled dataset (see :func:`repeated_metrics`); with ``calibration``
+    (keyword arguments of :func:`mmil.calibrate_run.evaluate_calibration`) also its ``calibration`` block."""
+    from .calibrate_run import evaluate_calibration, require_calibration
+
     model, dataset, cfg = load_for_inference(checkpoint_dir, dataset, device=device, **override_kwargs)
     _require_every_label(dataset)
+    if calibration is not None and calibration.get("alpha") is not None:
+        require_calibration(cfg, checkpoint_dir)  # before the inference
     probs = predict_probs(model, dataset, seed=seed, repeats=repeats, device=device, precision=precision, progress=progress)
     result = repeated_metrics(dataset.labels, probs)
+    if calibration is not None:
+        result["calibration"] = evaluate_calibration(cfg, checkpoint_dir, dataset, probs, **calibration)
     result.update({"n_bags": len(dataset), "repeats_count": repeats, "seed": seed, "checkpoint": str(checkpoint_dir), "class_names": dataset.class_names})
     return result
 

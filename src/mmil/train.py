@@ -2,13 +2,15 @@
 
 Recipe: cross-entropy on bag labels via ``model.loss`` (so auxiliary losses of
 DSMIL/CLAM count), AdamW, one bag per forward pass with optional gradient
-accumulation, early stopping on the validation loss (patience, never before
-``min_epochs``), the best model kept as a checkpoint directory.
+accumulation, bag augmentation, warm-up and cosine decay, gradient clipping
+(:mod:`mmil.recipe`), early stopping (patience, never before ``min_epochs``),
+the best model by :class:`mmil.recipe.ModelSelector` kept as a checkpoint directory.
 
-Monitoring: with a validation set the monitored quantity is its
-cross-entropy (of the probabilities averaged over ``eval_repeats`` seeded
-passes; class-weighted when ``class_weights`` is on); without one (``dataset_val``
-empty or ``None``) it is the epoch's mean training loss. :func:`mmil.crossval.cross_validate`
+Monitoring: with a validation set, the smoothed validation AUC with the
+validation cross-entropy as tie-break (``selection="auc"``) or the cross-entropy
+alone (``"loss"``; probabilities averaged over ``eval_repeats`` seeded passes;
+class-weighted when ``class_weights`` is on); without one (``dataset_val``
+empty or ``None``) the epoch's mean training loss. :func:`mmil.crossval.cross_validate`
 always carves a validation set from each training fold.
 
 Reproducibility and resumption: every random choice is a pure function of
@@ -40,6 +42,7 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
+from .recipe import ModelSelector, augment_bag, epoch_criterion, lr_factor
 from .rng import private_rng, seed_global_rng
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
     LAST_STATE_NAME,
@@ -160,7 +163,7 @@ def _skip_loader_draws(count: int = 2) -> None:
 class _FoldState:
     """What the epochs change, and the resume state restores."""
 
-    stopper: EarlyStopping
+    stopper: ModelSelector
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 1
     train_seconds: float = 0.0
@@ -196,15 +199,31 @@ class _FoldTrainer:
         cfg = self.cfg
         if not self.state_path.is_file():
             standardization = feature_moments(self.train_set) if resolve_standardize(cfg, self.train_set) else None
-            return _FoldState(EarlyStopping(cfg.patience, cfg.min_epochs), standardization=standardization)
+            return _FoldState(self._selector(), standardization=standardization)
         tensors, meta = load_last_state(self.state_path)
         check_fingerprint(self.state_path, meta, self.fingerprint)
         if not (self.ckpt_dir / WEIGHTS_NAME).is_file():
             raise MMILInputError(f"{self.ckpt_dir}: best checkpoint missing beside the resume state; delete {self.state_path} to restart this fold")
         restore(self.model, self.optimizer, tensors, meta, self.state_path)
         standardization = (tensors["standardize/mean"].numpy(), tensors["standardize/std"].numpy()) if "standardize/mean" in tensors else None
-        return _FoldState(EarlyStopping(cfg.patience, cfg.min_epochs, **meta["early_stopping"]), list(meta["history"]),
+        return _FoldState(self._selector(**meta["early_stopping"]), list(meta["history"]),
                           int(meta["epoch"]) + 1, float(meta["train_seconds"]), bool(meta["stopped_early"]), standardization)
+
+    def _selector(self, **state: Any) -> ModelSelector:
+        """The model-selection rule of the recipe (``state``: a resumed run's saved values)."""
+        cfg = self.cfg
+        auc = cfg.selection == "auc" and self.monitor == "val_loss"
+        return ModelSelector(cfg.patience, cfg.min_epochs, cfg.select_min_epoch, cfg.select_margin if auc else 0.0,
+                             1e-9 if auc else 0.0, **state)
+
+    def _set_lr(self, epoch: int, step: int) -> None:
+        """The scheduled learning rate of the optimiser step that ``step`` of ``epoch`` belongs to."""
+        cfg = self.cfg
+        per_epoch = math.ceil(len(self.train_set) / cfg.accumulate)
+        factor = lr_factor((epoch - 1) * per_epoch + step // cfg.accumulate, cfg.epochs * per_epoch,
+                           round(cfg.warmup_epochs * per_epoch), cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
 
     def result(self) -> FoldTrainResult:
         s = self.state
@@ -225,6 +244,7 @@ class _FoldTrainer:
         for step, bag in enumerate(progress(loader, cfg.progress, f"epoch {epoch}", total=n)):
             group_start = (step // cfg.accumulate) * cfg.accumulate
             group_size = min(cfg.accumulate, n - group_start)
+            bag = augment_bag(bag, derived_seed(cfg.seed, epoch, 6, step), cfg.instance_dropout, cfg.feature_noise)
             out = forward_bag(model, bag, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
             loss = model.loss(out, torch.tensor([bag.label], device=self.device), self.weights)
             if not torch.isfinite(loss):
@@ -233,6 +253,7 @@ class _FoldTrainer:
             if step - group_start + 1 == group_size:
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                self._set_lr(epoch, step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -251,7 +272,9 @@ class _FoldTrainer:
         """Keep the best model, decide on early stopping and save the resume state."""
         s, monitored = self.state, record[self.monitor]
         s.history.append(record)
-        if s.stopper.update(epoch, monitored):
+        criterion, tiebreak, loss = epoch_criterion(self.cfg.selection, s.history, self.monitor, self.cfg.select_window)
+        record["selection_criterion"] = criterion
+        if s.stopper.update(epoch, criterion, tiebreak, loss):
             save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}))
         s.stopped_early = s.stopper.should_stop(epoch)
         s.start_epoch = epoch + 1

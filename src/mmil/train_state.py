@@ -28,6 +28,8 @@ RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers")
 def fingerprint(model_name: str, model_kwargs: dict, cfg: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the state."""
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    if getattr(cfg, "lr_schedule", "constant") != "constant":
+        recipe["epochs"] = cfg.epochs  # a decaying schedule spans the epochs: changing them changes every later step
     return json.loads(json.dumps({"model": model_name, "model_kwargs": model_kwargs, "train": recipe, "train_ids": train_ids, "val_ids": val_ids}, default=str))
 
 

@@ -8,26 +8,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmpl.config import add_config_flags, given_flags
+from mmpl.config import add_config_flags, given_flags, layered_config
 
 from ..bench_config import BenchConfig
 from ..config import TrainConfig
 from ..errors import MMILInputError
-from ..options import layered_config
 from .common import check_device, device_option
 
 #: The training options ``mmil bench`` has flags for (the rest come from --config's ``train:``).
 TRAIN_FLAGS = ("epochs", "device")
-
-
-def parse_size(text: str) -> int:
-    """argparse type for bag sizes (``1000``, ``10k``, ``0.1m``)."""
-    from ..bench_config import parse_size as parse
-
-    try:
-        return parse(text)
-    except MMILInputError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_commands(subparsers) -> None:
@@ -45,11 +34,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--labels", default=None, help="label CSV (slide_id,label[,case_id][,split]); omit for a MIL-benchmark CSV")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
     p.add_argument("--config", default=None, help="YAML with bench settings: models, model_kwargs {name: {...}}, train {...}, folds, repeats, seed, cost_sizes, ...")
-    add_config_flags(p, BenchConfig, defaults={"models": "every baseline and mmil"})
+    add_config_flags(p, BenchConfig, defaults={"models": "every baseline and mmil", "cost_sizes": "1k 10k 50k 100k"})
     add_config_flags(p, TrainConfig, prefix="train_", exclude=tuple(f for f in TrainConfig.__dataclass_fields__ if f not in TRAIN_FLAGS),
                      defaults={"epochs": "the training config's, 200"})
-    p.add_argument("--cost-sizes", nargs="*", type=parse_size, default=None, metavar="N",
-                   help="bag sizes of the cost table (default: 1k 10k 50k 100k; give the flag alone to skip the cost table)")
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh: delete the files an earlier bench wrote there (refused if it holds other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
@@ -64,9 +51,7 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
         train["seed"] = flags["seed"]
     if args.quiet:
         train["progress"] = False
-    if args.cost_sizes is not None:
-        flags["cost_sizes"] = list(args.cost_sizes)
-    return layered_config(BenchConfig, args.config, flags, {"train": train})
+    return layered_config(BenchConfig, args.config, flags, {"train": train}, MMILInputError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,21 +4,21 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mmpl.config import given_flags
+from mmpl.cliargs import positive_int
+from mmpl.config import given_flags, layered_config
 
 from ..errors import MMILInputError
-from ..options import POSITIVE_INT, layered_config
 
 THREADS_HELP = "CPU threads for torch (default: torch's choice); small models often run fastest on 1, especially on a busy machine"
 
 
 def options_from_args(args: argparse.Namespace, cls, prefix: str = ""):
     """``cls`` with the flags of its fields that were given (declared by :func:`mmpl.config.add_config_flags`)."""
-    return layered_config(cls, None, given_flags(args, cls, prefix=prefix))
+    return layered_config(cls, None, given_flags(args, cls, prefix=prefix), error=MMILInputError)
 
 
 def add_threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=POSITIVE_INT, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--threads", type=positive_int, metavar="N", help=THREADS_HELP)
 
 
 def set_threads(threads: int | None) -> None:

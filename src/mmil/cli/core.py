@@ -13,12 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from mmpl.config import add_config_flags, given_flags
+from mmpl.config import add_config_flags, given_flags, layered_config
 from mmpl.fsio import check_output_dir, check_output_file
 
 from ..config import ExperimentConfig, TrainConfig
 from ..errors import MMILInputError
-from ..options import Range, layered_config
 from .common import add_threads, check_device, check_grouping, device_option, model_args, options_from_args, set_threads
 from .options import (
     IMPORT_DEFAULTS,
@@ -82,7 +81,7 @@ def _experiment_from_args(args) -> ExperimentConfig:
     top["features"] = str(Path(args.features).resolve())
     top["labels"] = str(Path(args.labels).resolve()) if args.labels else None
     model_kwargs = {**given_flags(args, ModelOptions, prefix="model_"), **model_args(args.model_arg)}
-    exp = layered_config(ExperimentConfig, args.config, top, {"train": train, "model_kwargs": model_kwargs})
+    exp = layered_config(ExperimentConfig, args.config, top, {"train": train, "model_kwargs": model_kwargs}, MMILInputError)
     check_grouping(exp.model_kwargs.get("grouping"))
     return exp
 
@@ -106,7 +105,7 @@ def cmd_train(args) -> int:
     s = result.summary
     print(f"{exp.model} on {dataset.source}: {len(dataset)} bags, classes {dataset.class_names}, split {s['split']}, R={exp.repeats}")
     print(format_metrics_table(s))
-    print(f"results: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'roc.png'}")
+    print(f"results: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'roc.png'}, {Path(args.out) / 'reliability.png'}")
     return 0
 
 
@@ -151,7 +150,9 @@ def _add_evaluate(subparsers) -> None:
 
 def _add_predict(subparsers) -> None:
     _add_inference(subparsers, "predict", PredictOptions, cmd_predict, help="class probabilities per slide",
-                   description="Write slide_id,prob_0,...,prob_{C-1},pred for every bag (probabilities averaged over R seeded runs).",
+                   description="Write slide_id,prob_0,...,prob_{C-1},pred,repeat_std for every bag: probabilities averaged over R seeded runs and "
+                               "scaled by the checkpoint's temperature, and the std over the runs of the predicted class's probability; "
+                               "with --conformal-alpha also the prediction set (e.g. 0|1) and abstain (set not a single class).",
                    inputs=[("--features", {"required": True, "help": "directory of .h5/.pt bags (every slide found), or a MIL-benchmark CSV"}),
                            ("--out", {"required": True, "help": "output CSV"})])
 
@@ -170,6 +171,7 @@ def cmd_evaluate(args) -> int:
     from mmpl.jsonio import write_json
 
     from ..data import load_dataset
+    from ..calibrate_run import calibration_lines
     from ..evaluate import METRIC_NAMES, evaluate_checkpoint
 
     features = Path(args.features)
@@ -177,11 +179,14 @@ def cmd_evaluate(args) -> int:
         raise MMILInputError(f"{features}: --labels is required to evaluate on a features directory")
     opts, ckpt = _start_inference(args, EvaluateOptions)
     dataset = load_dataset(features, args.labels)
-    result = evaluate_checkpoint(ckpt, dataset, repeats=opts.repeats, seed=opts.seed, device=opts.device, precision=opts.precision, **_overrides(args))
+    calibration = {"use_temperature": opts.temperature, "alpha": opts.conformal_alpha, "mondrian": opts.mondrian}
+    result = evaluate_checkpoint(ckpt, dataset, repeats=opts.repeats, seed=opts.seed, device=opts.device, precision=opts.precision,
+                                 calibration=calibration, **_overrides(args))
     print(f"{ckpt} on {dataset.source}: {len(dataset)} bags, R={opts.repeats} (seeds {opts.seed}..{opts.seed + opts.repeats - 1})")
     print(f"{'metric':>18} {'mean':>8} {'std':>8} {'ensemble':>9}")
     for name in METRIC_NAMES:
         print(f"{name:>18} {result[name]:8.4f} {result[name + '_std']:8.4f} {result['ensemble'][name]:9.4f}")
+    print("\n".join(calibration_lines(result["calibration"])))
     if args.out:
         write_json(args.out, result)
         print(f"metrics: {args.out}")
@@ -192,13 +197,17 @@ def cmd_predict(args) -> int:
     from mmpl.jsonio import write_text
 
     from ..data import load_dataset
-    from ..evaluate import load_for_inference, predict_probs, predictions_csv
+    from ..calibrate_run import predictions_table, require_calibration
+    from ..evaluate import load_for_inference, predict_probs
 
     opts, ckpt = _start_inference(args, PredictOptions)
     dataset = load_dataset(args.features, None).without_labels()  # a MIL CSV's labels play no part in prediction
-    model, dataset, _ = load_for_inference(ckpt, dataset, device=opts.device, **_overrides(args))
-    probs = predict_probs(model, dataset, seed=opts.seed, repeats=opts.repeats, device=opts.device, precision=opts.precision, progress=True).mean(0)
-    write_text(args.out, predictions_csv(dataset.slide_ids, probs))
+    model, dataset, cfg = load_for_inference(ckpt, dataset, device=opts.device, **_overrides(args))
+    if opts.conformal_alpha is not None:
+        require_calibration(cfg, ckpt)  # before the inference
+    probs_r = predict_probs(model, dataset, seed=opts.seed, repeats=opts.repeats, device=opts.device, precision=opts.precision, progress=True)
+    write_text(args.out, predictions_table(cfg, ckpt, dataset.slide_ids, probs_r, use_temperature=opts.temperature,
+                                           alpha=opts.conformal_alpha, mondrian=opts.mondrian))
     print(f"wrote {len(dataset)} predictions to {args.out}")
     return 0
 
@@ -252,7 +261,6 @@ def cmd_prune_limit(args) -> int:
 def _add_import_checkpoint(subparsers) -> None:
     p = subparsers.add_parser("import-checkpoint", help="convert a released MMIL-Transformer checkpoint", description="Convert the authors' released weights (a plain state dict, read with weights_only=True) into an mmil checkpoint directory.")
     p.add_argument("--released", required=True, help="released .pth/.pt file")
-    p.add_argument("--in-dim", type=Range(int, 1), required=True, metavar="C", help="feature dimension C the checkpoint was trained on (1024 for CLAM ResNet-50, 512 for DSMIL ResNet-18)")
     p.add_argument("--class-names", nargs="+", help="class names in index order (default 0..C-1)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
@@ -269,7 +277,7 @@ def cmd_import_checkpoint(args) -> int:
     check_output_dir(out)
     if (out / "config.json").exists() and not args.force:
         raise MMILInputError(f"{out}: already holds a checkpoint; choose another --out or pass --force")
-    model = load_released_checkpoint(args.released, in_dim=args.in_dim, **dataclasses.asdict(opts))
+    model = load_released_checkpoint(args.released, **dataclasses.asdict(opts))
     kwargs = dict(getattr(model, "init_kwargs", {}))
     n_classes = int(kwargs.get("n_classes", model.n_classes))
     names = args.class_names or [str(c) for c in range(n_classes)]
@@ -284,8 +292,6 @@ def _add_synth(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write a synthetic WSI-like bag dataset", description="Synthetic slides: tissue-shaped patch grids, positives with a small spatially clustered fraction of shifted instances. Writes OUT/features/*.h5 and OUT/labels.csv.")
     p.add_argument("--out", required=True, help="output directory")
     add_config_flags(p, SynthOptions)
-    p.add_argument("--positive-fraction", type=Range(float, 0, 1, low_open=True), nargs=2, metavar=("LO", "HI"), default=(0.01, 0.10),
-                   help="range of the tumour share of a positive slide's instances (default: 0.01 0.10)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -294,6 +300,10 @@ def cmd_synth(args) -> int:
 
     opts = options_from_args(args, SynthOptions)
     check_output_dir(args.out)
-    out = write_synthetic_dataset(args.out, positive_fraction=tuple(args.positive_fraction), progress=True, **dataclasses.asdict(opts))
+    out = write_synthetic_dataset(args.out, progress=True, **dataclasses.asdict(opts))
     print(f"wrote {opts.n_slides} synthetic slides to {out / 'features'} and labels to {out / 'labels.csv'}")
+    if (out / "oracle.json").is_file():
+        import json
+
+        print(f"instance-level oracle AUC: {json.loads((out / 'oracle.json').read_text())['oracle_auc']:.4f} ({out / 'oracle.json'})")
     return 0

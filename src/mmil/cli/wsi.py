@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mmpl.config import add_config_flags, given_flags
+from mmpl.config import add_config_flags, given_flags, layered_config
 
 from ..errors import MMILInputError
-from ..options import layered_config
 from .common import check_device, device_option
 from .options import ModelOverrides
 
@@ -37,7 +36,7 @@ def _build_config(cls, args: argparse.Namespace, nested: Mapping[str, Mapping[st
     Flags were range-checked when parsed, so a value refused here came from the YAML
     file: the message names the file, the key and the option.
     """
-    cfg = layered_config(cls, args.config, given_flags(args, cls), nested)
+    cfg = layered_config(cls, args.config, given_flags(args, cls), nested, MMILInputError)
     try:
         cfg.validate()
     except MMILInputError as err:

@@ -184,29 +184,29 @@ def write_synthetic_dataset(
     positive_rate: float = 0.5,
     slides_per_case: int = 1,
     progress: bool = False,
+    preset: str = "default",
+    scale: float = 1.0,
 ) -> Path:
     """Write ``out_dir/features/<slide>.h5`` (CLAM layout: ``features``, ``coords``,
     attributes ``patch_size``/``patch_level``, plus ``instance_labels``, the
     ground-truth tumour mask) and ``out_dir/labels.csv`` (``slide_id,label,case_id``).
 
+    ``preset="camelyon-like"`` uses :mod:`mmil.data.synth_camelyon` (bag sizes 1k-20k times
+    ``scale``; ``min_instances``, ``max_instances`` and ``positive_fraction`` are not used) and
+    also writes ``out_dir/oracle.json`` with the instance-level oracle's AUC.
     Each file is written atomically; ``labels.csv`` last. Returns ``out_dir``.
     """
     import h5py
 
     spec = SynthSpec(in_dim, min_instances, max_instances, tuple(positive_fraction), signal)
-    spec.check()
-    if n_slides < 1:
-        raise MMILInputError(f"--n-slides must be >= 1, got {n_slides}")
-    if not 0.0 <= positive_rate <= 1.0:
-        raise MMILInputError(f"--positive-rate must be in [0, 1], got {positive_rate}")
-    if slides_per_case < 1:
-        raise MMILInputError(f"--slides-per-case must be >= 1, got {slides_per_case}")
+    _check_write_options(spec, n_slides, positive_rate, slides_per_case, preset, scale)
     out_dir = Path(out_dir)
     feat_dir = out_dir / "features"
     feat_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    slides = _slides(n_slides, seed, spec, positive_rate, slides_per_case)
-    for sid, case, label, feats, coords, tumour in _progress(slides, progress, "synthetic slides", total=n_slides):
+    rows, oracle = [], []
+    slides = _preset_slides(preset, n_slides, seed, spec, positive_rate, slides_per_case, scale)
+    for sid, case, label, feats, coords, tumour, score in _progress(slides, progress, "synthetic slides", total=n_slides):
+        oracle.append(score)
         with atomic_path(feat_dir / f"{sid}.h5") as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("features", data=feats)
@@ -221,5 +221,38 @@ def write_synthetic_dataset(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["slide_id", "label", "case_id"])
     writer.writerows(rows)
+    if preset == "camelyon-like":
+        from .synth_camelyon import write_oracle
+
+        write_oracle(out_dir, [r[1] for r in rows], oracle, signal=signal, scale=scale, n_slides=n_slides, seed=seed)
     write_text(out_dir / "labels.csv", buf.getvalue())
     return out_dir
+
+
+PRESETS = ("default", "camelyon-like")
+
+
+def _check_write_options(spec: SynthSpec, n_slides: int, positive_rate: float, slides_per_case: int, preset: str, scale: float) -> None:
+    spec.check()
+    if preset not in PRESETS:
+        raise MMILInputError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if not scale > 0:
+        raise MMILInputError(f"--scale must be > 0, got {scale}")
+    if n_slides < 1:
+        raise MMILInputError(f"--n-slides must be >= 1, got {n_slides}")
+    if not 0.0 <= positive_rate <= 1.0:
+        raise MMILInputError(f"--positive-rate must be in [0, 1], got {positive_rate}")
+    if slides_per_case < 1:
+        raise MMILInputError(f"--slides-per-case must be >= 1, got {slides_per_case}")
+
+
+def _preset_slides(preset: str, n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int, scale: float):
+    """The slides of ``preset`` as ``(slide_id, case_id, label, features, coords, tumour, oracle score or None)``."""
+    if preset == "camelyon-like":
+        from .synth_camelyon import CamelyonLikeSpec, camelyon_like_slides
+
+        cspec = CamelyonLikeSpec(in_dim=spec.in_dim, signal=spec.signal, scale=scale)
+        yield from camelyon_like_slides(n_slides, seed, cspec, positive_rate, slides_per_case)
+        return
+    for slide in _slides(n_slides, seed, spec, positive_rate, slides_per_case):
+        yield (*slide, None)

@@ -221,6 +221,7 @@ def model_from_released(
     requested = dict(in_dim=in_dim, n_classes=n_classes, embed_dim=embed_dim, num_layers=num_layers, heads=heads, head_dim=head_dim,
                      use_input_proj=use_input_proj)
     kwargs = released_model_kwargs(converted, requested)
+    options.setdefault("min_subbag_size", None)  # the released grouping: G sub-bags whatever the bag size
     try:
         model = MMILTransformer(**kwargs, **options)
     except (TypeError, ValueError) as err:

@@ -30,7 +30,11 @@ by the naive reference in ``tests/reference_mmil.py``):
   message step like any other sub-bag. No attention row is ever fully masked.
 * ``grouping="index"``: the distinct labels of a bag are its sub-bags (their
   count may differ from ``num_subbags`` and between the bags of a batch).
-* Sub-bag masking (``mask_ratio > 0``, training only): before the first layer,
+* ``min_subbag_size`` (16 for the registered ``mmil``; ``None``, the class default, = the release's fixed G): a bag gets
+  ``clamp(n // min_subbag_size, 1, G)`` sub-bags (:mod:`mmil.grouping_adaptive`), so small
+  bags are not cut into singleton and empty sub-bags; bags of at least ``G * min_subbag_size``
+  instances are grouped exactly as released.
+* Sub-bag masking (``mask_ratio > 0``, training only; 0.6 for the registered ``mmil``, the paper's CAMELYON16 setting): before the first layer,
   ``max(1, int(G * (1 - mask_ratio)))`` sub-bags are kept at random (``docs/method/mmil.md §1.7``).
 * ``max_subbag_size`` (off by default): a sub-bag larger than the cap keeps a
   random subset of that size, at training and test time; the number of dropped
@@ -49,11 +53,16 @@ import torch
 from torch import Tensor, nn
 
 from ..grouping import Grouping, GroupingInputs, cap_subbags, drop_subbags, get_grouping, make_generator
+from ..grouping_adaptive import adaptive_grouping
 from .base import MILModel, MILOutput, as_padded_batch
 from .mmil_blocks import MMILLayer, SubbagLayout, build_subbag_layout
 from .registry import register_model
 
 __all__ = ["MMILTransformer", "MMILOutput"]
+
+#: Defaults of the registered ``mmil`` (the class's own defaults are the release's: 0.0 and None).
+DEFAULT_MASK_RATIO = 0.6
+DEFAULT_MIN_SUBBAG_SIZE = 16
 
 
 @dataclass(kw_only=True)
@@ -85,7 +94,7 @@ class _Subbags:
 
 
 def _check_options(in_dim, n_classes, embed_dim, num_subbags, grouping, num_msg, num_layers, heads, head_dim,
-                   attn_dropout, proj_dropout, mask_ratio, max_subbag_size, use_input_proj, kmeans_iters) -> None:
+                   attn_dropout, proj_dropout, mask_ratio, max_subbag_size, use_input_proj, kmeans_iters, min_subbag_size=None) -> None:
     """``ValueError`` naming the first bad constructor option of :class:`MMILTransformer`."""
     get_grouping(grouping)
     for name, value in (("in_dim", in_dim), ("n_classes", n_classes), ("embed_dim", embed_dim), ("num_subbags", num_subbags),
@@ -101,6 +110,8 @@ def _check_options(in_dim, n_classes, embed_dim, num_subbags, grouping, num_msg,
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     if max_subbag_size is not None and (int(max_subbag_size) != max_subbag_size or max_subbag_size < 1):
         raise ValueError(f"max_subbag_size must be a positive integer or None, got {max_subbag_size!r}")
+    if min_subbag_size is not None and (int(min_subbag_size) != min_subbag_size or min_subbag_size < 1):
+        raise ValueError(f"min_subbag_size must be a positive integer or None, got {min_subbag_size!r}")
     if kmeans_iters < 0:
         raise ValueError(f"kmeans_iters must be >= 0, got {kmeans_iters}")
     if not use_input_proj and in_dim != embed_dim:
@@ -122,11 +133,14 @@ class MMILTransformer(MILModel):
         attn_dropout: dropout on attention weights (release 0.1; 0.0 keeps the
             fused CPU kernel in training).
         proj_dropout: dropout after each attention's output projection.
-        mask_ratio: fraction of sub-bags dropped in training (0 = off).
+        mask_ratio: fraction of sub-bags dropped in training (0 = off; the registered ``mmil`` defaults to 0.6, the paper's).
         max_subbag_size: optional cap on instances per sub-bag (None = no cap).
         use_input_proj: apply ``input_proj`` (C -> D). Must be True when C != D.
         kmeans_iters: Lloyd iterations for the k-means groupings.
         dropout: alias of ``proj_dropout`` (the package-wide constructor name).
+        min_subbag_size: smallest sub-bag of the adaptive grouping (``None`` = G sub-bags for
+            every bag, the released behaviour; the registered ``mmil`` defaults to 16; released
+            checkpoints are imported with ``None``).
     """
 
     def __init__(
@@ -147,17 +161,20 @@ class MMILTransformer(MILModel):
         use_input_proj: bool = True,
         kmeans_iters: int = 10,
         dropout: float | None = None,
+        min_subbag_size: int | None = None,
     ) -> None:
         proj_dropout = proj_dropout if dropout is None else dropout
         _check_options(in_dim, n_classes, embed_dim, num_subbags, grouping, num_msg, num_layers, heads, head_dim,
-                       attn_dropout, proj_dropout, mask_ratio, max_subbag_size, use_input_proj, kmeans_iters)
+                       attn_dropout, proj_dropout, mask_ratio, max_subbag_size, use_input_proj, kmeans_iters, min_subbag_size)
+        min_subbag_size = None if min_subbag_size is None else int(min_subbag_size)
         max_subbag_size = None if max_subbag_size is None else int(max_subbag_size)
         super().__init__(
             in_dim, n_classes, embed_dim=int(embed_dim), num_subbags=int(num_subbags), grouping=grouping, num_msg=int(num_msg),
             num_layers=int(num_layers), heads=int(heads), head_dim=int(head_dim), attn_dropout=float(attn_dropout),
             proj_dropout=float(proj_dropout), mask_ratio=float(mask_ratio), max_subbag_size=max_subbag_size,
-            use_input_proj=bool(use_input_proj), kmeans_iters=int(kmeans_iters),
+            use_input_proj=bool(use_input_proj), kmeans_iters=int(kmeans_iters), min_subbag_size=min_subbag_size,
         )
+        self.min_subbag_size = min_subbag_size
         self.embed_dim, self.num_subbags, self.grouping = int(embed_dim), int(num_subbags), grouping
         self.num_msg, self.mask_ratio, self.max_subbag_size = int(num_msg), float(mask_ratio), max_subbag_size
         self.kmeans_iters = int(kmeans_iters)
@@ -185,7 +202,10 @@ class MMILTransformer(MILModel):
         """The configured grouping's sub-bags (``docs/method/mmil.md §1.3``). ``h`` are the projected features
         (read by ``embedding`` only)."""
         inputs = GroupingInputs(mask, self.num_subbags, features=h, coords=coords, groups=groups, kmeans_iters=self.kmeans_iters, generator=generator)
-        return get_grouping(self.grouping).fn(inputs)
+        spec = get_grouping(self.grouping)
+        if self.min_subbag_size is None or spec.needs == "groups":
+            return spec.fn(inputs)
+        return adaptive_grouping(spec.fn, inputs, self.min_subbag_size)
 
     def _subbags(self, h: Tensor | None, mask: Tensor, coords: Tensor | None, groups: Tensor | None, seed: int | None) -> _Subbags:
         """Grouping, then sub-bag masking (training) and the size cap, all drawn from ``seed``."""
@@ -343,5 +363,9 @@ class MMILTransformer(MILModel):
 
 @register_model("mmil")
 def mmil_transformer(in_dim: int, n_classes: int, **kwargs) -> MMILTransformer:
-    """MMIL-Transformer (defaults of ``docs/method/mmil.md``: D=512, G=10, 2 layers, 8 heads of 64)."""
+    """MMIL-Transformer (defaults of ``docs/method/mmil.md``: D=512, G=10, 2 layers, 8 heads of 64), with the
+    toolkit's training defaults: sub-bag masking 0.6 (the paper's) and adaptive sub-bags of at least 16
+    instances (pass ``mask_ratio=0.0, min_subbag_size=None`` for the class's released defaults)."""
+    kwargs.setdefault("mask_ratio", DEFAULT_MASK_RATIO)
+    kwargs.setdefault("min_subbag_size", DEFAULT_MIN_SUBBAG_SIZE)
     return MMILTransformer(in_dim, n_classes, **kwargs)

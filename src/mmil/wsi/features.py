@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmpl.config import option
+from mmpl.cliargs import Range, non_negative_int, positive_int
+from mmpl.config import check_fields, option
 from mmpl.device import DEVICE_HELP
 from mmpl.fsio import atomic_path
 from mmpl.jsonio import write_json, write_text
@@ -38,7 +39,6 @@ from mmpl.progress import progress as _progress, show_progress
 from .. import __version__
 from ..errors import MMILInputError
 from ..evaluate import resolve_device
-from ..options import NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 from .backbones import Backbone, build_backbone
 from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb, remove_temp_files
 from .tiling import find_coords_dir
@@ -66,13 +66,13 @@ class ExtractConfig:
     weights: str | None = option(None, help="local weight file (.pth/.pt state dict or .safetensors; torchvision/CLAM ResNet-50 names for resnet50-trunc)",
                                  metavar="FILE")
     random_weights: bool = option(False, help="use seeded random weights instead of a weight file (tests and smoke runs only)")
-    seed: int = option(0, help="seed of the random weights", type=NON_NEGATIVE_INT)
+    seed: int = option(0, help="seed of the random weights", type=non_negative_int)
     input_size: int | None = option(-1, type=Range(int, -1), metavar="PX",
                                     help="resize patches to this side before the backbone (-1: 224 for resnet50-trunc, timm's config otherwise; "
                                     "0: the tiling's target patch size)")
     """Side patches are resized to: -1 = the backbone's default, None/0 = the coordinate file's target size."""
-    batch_size: int = option(64, help="patches per forward pass", type=POSITIVE_INT, metavar="N")
-    workers: int = option(4, help="DataLoader worker processes reading patches (0: read in the main process)", type=NON_NEGATIVE_INT, metavar="N")
+    batch_size: int = option(64, help="patches per forward pass", type=positive_int, metavar="N")
+    workers: int = option(4, help="DataLoader worker processes reading patches (0: read in the main process)", type=non_negative_int, metavar="N")
     device: str = option("auto", help=DEVICE_HELP)
     precision: str = option("auto", help="autocast precision on CUDA: auto (bf16 where supported, else fp16), fp32, fp16 or bf16; CPU always runs fp32", choices=PRECISIONS)
     overwrite: bool = option(False, help="recompute slides whose feature file exists (otherwise they are skipped)")
@@ -82,7 +82,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Check types and ranges (those of the fields), naming the key and its option."""
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} (--precision)")
         self.shard = normalize_shard(self.shard)

@@ -31,7 +31,8 @@ import h5py
 import numpy as np
 import torch
 
-from mmpl.config import option
+from mmpl.cliargs import Range, fraction, non_negative_int, positive_int
+from mmpl.config import check_fields, option
 from mmpl.device import DEVICE_HELP
 from mmpl.fsio import atomic_path
 from mmpl.jsonio import write_json, write_text
@@ -39,7 +40,6 @@ from mmpl.progress import progress as _progress
 
 from ..errors import MMILInputError
 from ..models.base import model_inputs
-from ..options import FRACTION, NON_NEGATIVE_INT, POSITIVE_INT, Range, check_fields
 from .slide import describe_slide_error, open_slide, per_slide_errors, read_downsampled, remove_temp_files
 
 NORMALIZATIONS = ("rank", "minmax", "none")
@@ -50,15 +50,15 @@ _GEOJSON_NAMESPACE = uuid.UUID("5d1f3c52-8f0e-4a55-9a7e-6f1f1d8b2c10")
 class HeatmapConfig:
     """Options of ``mmil heatmap``."""
 
-    seed: int = option(0, help="first seed of the random sub-bag grouping", type=NON_NEGATIVE_INT)
-    repeats: int = option(4, help="average instance scores (and probabilities) over seeds seed..seed+R-1", type=POSITIVE_INT, metavar="R")
+    seed: int = option(0, help="first seed of the random sub-bag grouping", type=non_negative_int)
+    repeats: int = option(4, help="average instance scores (and probabilities) over seeds seed..seed+R-1", type=positive_int, metavar="R")
     cmap: str = option("jet", help="matplotlib colormap")
-    alpha: float = option(0.45, help="opacity of the overlay", type=FRACTION)
+    alpha: float = option(0.45, help="opacity of the overlay", type=fraction)
     normalize: str = option("rank", choices=NORMALIZATIONS,
                             help="how scores become colours: rank (percentile, CLAM's choice), minmax, or none (raw, clipped to [0, 1])")
     thumbnail_size: int = option(1024, help="longest side of the thumbnail in pixels", type=Range(int, 16), metavar="PX")
     patch_size_level0: int | None = option(None, help="patch side in level-0 pixels, for feature files without geometry attributes",
-                                           type=POSITIVE_INT, metavar="PX")
+                                           type=positive_int, metavar="PX")
     device: str = option("cpu", help=DEVICE_HELP)
     dpi: int = option(100, help="resolution of the PNG overlays", type=Range(int, 10, 1200), cli=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +66,7 @@ class HeatmapConfig:
 
     def validate(self) -> None:
         """Check types and ranges (those of the fields), naming the key and its option."""
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
         if self.normalize not in NORMALIZATIONS:
             raise MMILInputError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r} (--normalize)")
         import matplotlib  # noqa: PLC0415

@@ -26,14 +26,14 @@ from typing import Sequence
 
 import h5py
 import numpy as np
-from mmpl.config import option
+from mmpl.cliargs import Range, fraction, open_fraction, positive_float
+from mmpl.config import check_fields, option
 from mmpl.fsio import atomic_path
 from mmpl.jsonio import write_json, write_text
 from mmpl.progress import progress_bar
 from scipy import ndimage
 
 from ..errors import MMILInputError
-from ..options import FRACTION, OPEN_FRACTION, POSITIVE_FLOAT, Range, check_fields
 from .slide import (
     PatchGeometry,
     describe_slide_error,
@@ -55,20 +55,20 @@ class TilingConfig:
     """Options of ``mmil tile`` (tissue options under ``tissue``)."""
 
     target_magnification: float = option(20.0, flag="--target-mag", help="magnification of the patches (20x = 0.5 um/px)",
-                                         type=POSITIVE_FLOAT, metavar="MAG")
+                                         type=positive_float, metavar="MAG")
     patch_size: int = option(256, help="patch side in pixels at the target magnification", type=Range(int, 8), metavar="PX")
-    overlap: float = option(0.0, help="fraction of a patch shared with its grid neighbour", type=OPEN_FRACTION, metavar="FRACTION")
+    overlap: float = option(0.0, help="fraction of a patch shared with its grid neighbour", type=open_fraction, metavar="FRACTION")
     # CLAM's four_pt check keeps roughly the patches with a quarter or more tissue near their centre.
-    min_tissue_fraction: float = option(0.25, help="keep patches with at least this fraction of tissue", type=FRACTION, metavar="FRACTION")
+    min_tissue_fraction: float = option(0.25, help="keep patches with at least this fraction of tissue", type=fraction, metavar="FRACTION")
     base_magnification: float | None = option(None, help="level-0 magnification for slides that record neither microns per pixel nor objective power",
-                                              type=POSITIVE_FLOAT, metavar="MAG")
+                                              type=positive_float, metavar="MAG")
     thumbnail_size: int = option(1024, help="longest side of the thumbnail PNG in pixels", type=Range(int, 16), metavar="PX")
     overwrite: bool = option(False, help="re-tile slides whose coordinate file exists (otherwise they are kept)")
     tissue: TissueParams = field(default_factory=TissueParams)
 
     def validate(self) -> None:
         """Check types and ranges (those of the fields), naming the key and its option."""
-        check_fields(self)
+        check_fields(self, error=MMILInputError)
         if not isinstance(self.tissue, TissueParams):
             raise MMILInputError(f"tissue must be a mapping of tissue options, got {self.tissue!r}")
         self.tissue.validate("tissue.")

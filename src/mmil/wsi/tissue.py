@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from mmpl.config import option
+from mmpl.cliargs import Range, non_negative_float, non_negative_int, positive_float, positive_int
+from mmpl.config import check_fields, option
 from scipy import ndimage
 
-from ..options import NON_NEGATIVE_FLOAT, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, Range, check_fields
+from ..errors import MMILInputError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -38,20 +39,20 @@ class TissueParams:
 
     seg_downsample: float = option(32.0, help="segment on the best level at or below this downsample (coarser if the image would exceed max_seg_pixels)",
                                    type=Range(float, 1), metavar="D")
-    max_seg_pixels: int = option(16_000_000, help="most pixels of the segmentation image", type=POSITIVE_INT, cli=False)
+    max_seg_pixels: int = option(16_000_000, help="most pixels of the segmentation image", type=positive_int, cli=False)
     use_otsu: bool = option(True, flag="--otsu", help="Otsu's saturation threshold (--no-otsu: the fixed threshold --sthresh)")
     sthresh: int = option(8, help="saturation threshold 0..255 without Otsu, and the floor of Otsu's threshold", type=Range(int, 0, 255), metavar="S")
-    median_size: int = option(7, help="median filter size in segmentation pixels", type=POSITIVE_INT, metavar="N")
-    close_size: int = option(4, help="morphological closing square size in segmentation pixels", type=NON_NEGATIVE_INT, metavar="N")
+    median_size: int = option(7, help="median filter size in segmentation pixels", type=positive_int, metavar="N")
+    close_size: int = option(4, help="morphological closing square size in segmentation pixels", type=non_negative_int, metavar="N")
     min_tissue_area: float = option(100.0, help="drop tissue regions smaller than this many 128-um reference patches (100: about 1.6 mm^2)",
-                                    type=NON_NEGATIVE_FLOAT, metavar="AREA")
-    min_hole_area: float = option(16.0, help="holes larger than this many reference patches stay excluded", type=NON_NEGATIVE_FLOAT, metavar="AREA")
-    max_holes: int = option(8, help="at most this many holes (the largest) are excluded per region", type=NON_NEGATIVE_INT, metavar="N")
-    ref_patch_um: float = option(128.0, help="side of the reference patch areas are counted in (um)", type=POSITIVE_FLOAT, cli=False)
+                                    type=non_negative_float, metavar="AREA")
+    min_hole_area: float = option(16.0, help="holes larger than this many reference patches stay excluded", type=non_negative_float, metavar="AREA")
+    max_holes: int = option(8, help="at most this many holes (the largest) are excluded per region", type=non_negative_int, metavar="N")
+    ref_patch_um: float = option(128.0, help="side of the reference patch areas are counted in (um)", type=positive_float, cli=False)
 
     def validate(self, prefix: str = "") -> None:
         """Check types and ranges (those of the fields), naming the key (after ``prefix``) and its option."""
-        check_fields(self, prefix)
+        check_fields(self, prefix, MMILInputError)
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""The measurements of ``docs/calibration.md`` from finished cross-validation runs (no new inference).
+
+For every fold it reads the test probabilities of each repeat (``fold_k/result.json``) and the calibration
+stored in the fold's checkpoint, then pools over folds: conformal coverage (with its exact binomial interval),
+set size and abstention for several alphas, ECE before/after temperature scaling per fold, and the AUROC with
+which three uncertainty scores detect the slides the model gets wrong.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.stats import beta
+
+from .calibrate_run import calibrated_probs, calibration_probs, read_checkpoint_calibration, repeat_spread
+from .calibration import conformal_scores, conformal_threshold, prediction_sets
+from .stats import binary_auc
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of a proportion k / n."""
+    a = (1 - level) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return low, high
+
+
+def conformal_doubt(cal_probs: np.ndarray, cal_y: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Mondrian conformal p-value of the runner-up class of each slide: (1 + #{class-k calibration scores >= 1 - p_k}) / (n_k + 1).
+
+    High when the second class cannot be excluded either: the slide's set would hold two classes at alpha below it.
+    """
+    scores = conformal_scores(cal_probs, cal_y)
+    runner_up = np.argsort(probs, axis=1)[:, -2]
+    out = np.empty(len(probs))
+    for i, k in enumerate(runner_up):
+        sk = scores[cal_y == k]
+        out[i] = (1 + np.sum(sk >= 1 - probs[i, k])) / (len(sk) + 1)
+    return out
+
+
+def _fold(fold_dir: Path, alphas: Sequence[float]) -> dict[str, Any]:
+    r = json.loads((fold_dir / "result.json").read_text())
+    calib = read_checkpoint_calibration(fold_dir / "checkpoint")
+    probs_r, y = np.asarray(r["probs_repeats"]), np.asarray(r["y_true"], dtype=np.int64)
+    t = float(calib["temperature"])
+    probs = calibrated_probs(probs_r, t)
+    cal_probs, cal_y = calibration_probs(calib, t)
+    sets = {(a, m): prediction_sets(probs, conformal_threshold(cal_probs, cal_y, a, mondrian=m)) for a in alphas for m in (False, True)}
+    return {"y": y, "sets": sets, "error": (probs.argmax(1) != y).astype(int), "spread": repeat_spread(probs_r),
+            "doubt": conformal_doubt(cal_probs, cal_y, probs), "uncertainty": 1 - probs.max(1), "n_cal": len(cal_y),
+            "calibration": r["metrics"].get("calibration")}
+
+
+def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, Any]:
+    """Pooled out-of-fold conformal coverage, ECE per fold and error-detection AUROCs of one run directory."""
+    run_dir = Path(run_dir)
+    folds = [_fold(d, alphas) for d in sorted(run_dir.glob("fold_*")) if (d / "result.json").is_file()]
+    y = np.concatenate([f["y"] for f in folds])
+    out: dict[str, Any] = {"run": str(run_dir), "n_test": int(len(y)), "n_folds": len(folds),
+                           "n_calibration_per_fold": [f["n_cal"] for f in folds], "conformal": []}
+    for a in alphas:
+        for m in (False, True):
+            sets = np.concatenate([f["sets"][(a, m)] for f in folds])
+            covered = int(sets[np.arange(len(y)), y].sum())
+            low, high = clopper_pearson(covered, len(y))
+            out["conformal"].append({"alpha": a, "mondrian": m, "coverage": covered / len(y), "ci95": [low, high],
+                                     "mean_set_size": float(sets.sum(1).mean()), "abstention_rate": float((sets.sum(1) != 1).mean())})
+    err = np.concatenate([f["error"] for f in folds])
+    out["n_errors"] = int(err.sum())
+    out["error_auroc"] = {name: binary_auc(err, np.concatenate([f[name] for f in folds])) for name in ("spread", "doubt", "uncertainty")}
+    out["folds"] = [f["calibration"] for f in folds]
+    return out
+
+
+def study_markdown(study: dict[str, Any], name: str) -> str:
+    """Markdown tables of one :func:`study_run`."""
+    lines = [f"### {name}", "", f"{study['n_folds']} folds, {study['n_test']} out-of-fold test slides, "
+             f"calibration slides per fold: {study['n_calibration_per_fold']}, {study['n_errors']} misclassified.", "",
+             "| alpha | thresholds | coverage | 95% binomial CI | within 0.03 of 1-alpha | mean set size | abstention |",
+             "|---:|---|---:|---|---|---:|---:|"]
+    for c in study["conformal"]:
+        ok = "yes" if abs(c["coverage"] - (1 - c["alpha"])) <= 0.03 else "no"
+        lines.append(f"| {c['alpha']} | {'Mondrian' if c['mondrian'] else 'marginal'} | {c['coverage']:.3f} | "
+                     f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {ok} | {c['mean_set_size']:.3f} | {c['abstention_rate']:.3f} |")
+    lines += ["", "| fold | T | ECE before | ECE after | Brier before | Brier after |", "|---:|---:|---:|---:|---:|---:|"]
+    for k, f in enumerate(study["folds"]):
+        lines.append(f"| {k} | {f['temperature']:.3f} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['brier_before']:.4f} | {f['brier_after']:.4f} |")
+    mean = {key: np.mean([f[key] for f in study["folds"]]) for key in ("ece_before", "ece_after", "brier_before", "brier_after")}
+    lines.append(f"| mean | | {mean['ece_before']:.4f} | {mean['ece_after']:.4f} | {mean['brier_before']:.4f} | {mean['brier_after']:.4f} |")
+    a = study["error_auroc"]
+    lines += ["", f"Error-detection AUROC: repeats spread {a['spread']:.3f}, conformal doubt (Mondrian p-value of the runner-up class) "
+              f"{a['doubt']:.3f}, 1 - max probability {a['uncertainty']:.3f}.", ""]
+    return "\n".join(lines)

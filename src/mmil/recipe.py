@@ -1,0 +1,145 @@
+"""Parts of the training recipe (``docs/method/mmil.md`` §3): learning-rate schedule, bag augmentation, model selection.
+
+Pure functions and one small state machine, so that each has closed-form tests:
+
+* :func:`lr_factor`: linear warm-up, then constant or cosine decay, as a factor of the base rate.
+* :func:`augment_bag`: per-step instance dropout (a random subset of the bag's instances, stored
+  order kept) and Gaussian feature noise scaled by the bag's per-feature standard deviation.
+* :class:`ModelSelector`: which epoch's weights to keep and when to stop (see its docstring).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .data.bags import Bag
+
+SCHEDULES = ("constant", "cosine")
+SELECTIONS = ("auc", "loss")
+#: Cosine decay ends at this fraction of the base learning rate.
+MIN_LR_FACTOR = 0.01
+#: Two smoothed AUCs closer than this are a tie (broken by the validation loss).
+AUC_TIE = 1e-9
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, schedule: str = "constant", min_factor: float = MIN_LR_FACTOR) -> float:
+    """Factor of the base learning rate at optimiser step ``step`` (0-based) of ``total_steps``.
+
+    Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps``. Then ``constant``: 1;
+    ``cosine``: ``m + (1 - m) (1 + cos(pi t)) / 2`` with ``t = (step - W) / (total - W)``
+    (1 at the end of the warm-up, ``m = min_factor`` at ``total_steps``).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def kept_instances(n: int, drop: float) -> int:
+    """Instances kept by :func:`augment_bag` from a bag of ``n``: ``max(1, ceil(n (1 - drop)))``."""
+    return max(1, math.ceil(n * (1.0 - drop))) if n > 0 else 0
+
+
+def augment_bag(bag: Bag, seed: int, instance_dropout: float = 0.0, feature_noise: float = 0.0) -> Bag:
+    """A training-time copy of ``bag`` (the bag itself is not changed).
+
+    ``instance_dropout``: keep :func:`kept_instances` instances, a uniformly random subset in
+    stored order (coords and groups follow). ``feature_noise``: add ``sigma * s_j * e`` to
+    feature j, ``e`` standard normal, ``s_j`` the bag's standard deviation of feature j
+    (population formula), so the noise is in the features' own units. Draws come from a
+    generator seeded by ``seed``.
+    """
+    if instance_dropout <= 0 and feature_noise <= 0:
+        return bag
+    g = torch.Generator().manual_seed(int(seed))
+    x, coords, groups = bag.features, bag.coords, bag.groups
+    n = x.shape[0]
+    if instance_dropout > 0 and n > 1:
+        keep = torch.randperm(n, generator=g)[: kept_instances(n, instance_dropout)].sort().values
+        x = x[keep]
+        coords = None if coords is None else coords[keep]
+        groups = None if groups is None else groups[keep]
+    if feature_noise > 0 and x.shape[0] > 1:
+        scale = x.float().std(dim=0, unbiased=False)
+        x = x + feature_noise * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return replace(bag, features=x, coords=coords, groups=groups)
+
+
+@dataclass
+class ModelSelector:
+    """Keeps the best epoch by a validation criterion and decides when to stop.
+
+    ``criterion`` (higher is better) and ``tiebreak`` (higher is better) per epoch: for
+    ``selection="auc"`` the validation AUC averaged over the last ``window`` epochs and minus the
+    validation loss; for ``"loss"`` minus the loss (the recipe before issue 10) and no tie-break.
+    Epoch ``e`` replaces the best epoch ``b`` when
+
+    * ``b < min_epoch <= e`` (an early best is challenged): ``criterion_e >= criterion_b - margin``,
+      i.e. an epoch before ``min_epoch`` is kept only if it is better than every later one by more
+      than ``margin``;
+    * otherwise: ``criterion_e > criterion_b + tol``, or ``|criterion_e - criterion_b| <= tol`` and
+      ``tiebreak_e > tiebreak_b`` (``tol`` = 1e-9 for AUC, 0 for the loss).
+
+    Stopping: after ``patience`` epochs without a new best, once ``epoch >= min_epochs`` (CLAM's
+    convention). With ``selection="loss"``, ``min_epoch = 1`` this is exactly the old rule.
+    """
+
+    patience: int
+    min_epochs: int
+    min_epoch: int = 1
+    margin: float = 0.0
+    tol: float = 0.0
+    best_criterion: float = -math.inf
+    best_tiebreak: float = -math.inf
+    best_epoch: int = 0
+    counter: int = 0
+    best_loss: float = math.inf
+
+    def better(self, epoch: int, criterion: float, tiebreak: float) -> bool:
+        """Whether epoch ``epoch`` with these values replaces the current best (see the class docstring)."""
+        if self.best_epoch == 0:
+            return True
+        if self.best_epoch < self.min_epoch <= epoch:
+            return criterion >= self.best_criterion - self.margin
+        if criterion > self.best_criterion + self.tol:
+            return True
+        return abs(criterion - self.best_criterion) <= self.tol and tiebreak > self.best_tiebreak
+
+    def update(self, epoch: int, criterion: float, tiebreak: float = -math.inf, loss: float = math.nan) -> bool:
+        """Record an epoch; return True when it is the new best (its weights are to be kept)."""
+        if self.better(epoch, criterion, tiebreak):
+            self.best_criterion, self.best_tiebreak, self.best_epoch, self.counter = float(criterion), float(tiebreak), int(epoch), 0
+            self.best_loss = float(loss)
+            return True
+        self.counter += 1
+        return False
+
+    def should_stop(self, epoch: int) -> bool:
+        return self.counter >= self.patience and epoch >= self.min_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"best_criterion": self.best_criterion, "best_tiebreak": self.best_tiebreak, "best_epoch": self.best_epoch,
+                "counter": self.counter, "best_loss": self.best_loss}
+
+
+def epoch_criterion(selection: str, history: list[dict[str, Any]], monitor: str, window: int) -> tuple[float, float, float]:
+    """``(criterion, tiebreak, loss)`` of the last epoch in ``history`` for :class:`ModelSelector`.
+
+    ``selection="auc"`` with a validation set: the mean validation AUC of the last ``window``
+    epochs (fewer at the start; an undefined AUC falls back to the loss rule) and minus the loss.
+    Otherwise minus the monitored loss.
+    """
+    loss = float(history[-1][monitor])
+    if selection == "auc" and monitor == "val_loss":
+        recent = [h.get("val_auc") for h in history[-max(1, window):]]
+        recent = [float(a) for a in recent if a is not None and math.isfinite(a)]
+        if recent and math.isfinite(float(history[-1].get("val_auc", math.nan))):
+            return sum(recent) / len(recent), -loss, loss
+    return -loss, -math.inf, loss
