@@ -15,7 +15,8 @@ from mmil.data.synth import synthetic_bags
 from mmil.errors import MMILInputError
 from mmil.evaluate import predict_probs
 from mmil.models import create_model
-from mmil.train import LAST_STATE_NAME, EarlyStopping, class_weight_vector, derived_seed, nll_of_probs, train_fold
+from mmil.recipe import ModelSelector
+from mmil.train import LAST_STATE_NAME, class_weight_vector, derived_seed, nll_of_probs, train_fold
 from mmil_toys import register_toys, state_equal
 
 TOY = register_toys()
@@ -45,10 +46,11 @@ def _strip_seconds(history):
 
 
 def test_early_stopping_rule():
-    s = EarlyStopping(patience=2, min_epochs=5)
+    """The loss rule (criterion = -loss, no early-epoch guard) is CLAM's early stopping."""
+    s = ModelSelector(patience=2, min_epochs=5)
     stops = []
     for e, loss in enumerate([1.0, 0.9, 0.95, 0.97, 0.99, 0.5], start=1):
-        s.update(e, loss)
+        s.update(e, -loss, loss=loss)
         stops.append(s.should_stop(e))
     assert stops == [False, False, False, False, True, False]  # epoch 4: counter 2 but before min_epochs
     assert s.best_epoch == 6 and s.best_loss == 0.5

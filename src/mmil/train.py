@@ -85,36 +85,6 @@ class FoldTrainResult:
     standardization: tuple[np.ndarray, np.ndarray] | None = None
 
 
-@dataclass
-class EarlyStopping:
-    """CLAM-style early stopping on a loss.
-
-    After epoch ``e`` (1-based) with loss ``l``: if ``l < best_loss`` the epoch
-    becomes the best and the counter resets, else the counter grows by one.
-    Training stops when ``counter >= patience`` and ``e >= min_epochs``.
-    """
-
-    patience: int
-    min_epochs: int
-    best_loss: float = float("inf")
-    best_epoch: int = 0
-    counter: int = 0
-
-    def update(self, epoch: int, loss: float) -> bool:
-        """Record ``loss`` of ``epoch``; return True when it is a new best."""
-        if loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.counter = float(loss), int(epoch), 0
-            return True
-        self.counter += 1
-        return False
-
-    def should_stop(self, epoch: int) -> bool:
-        return self.counter >= self.patience and epoch >= self.min_epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "counter": self.counter}
-
-
 def derived_seed(*parts: int) -> int:
     """A 31-bit seed determined by ``parts`` (NumPy's ``SeedSequence`` hash)."""
     return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0] % (2**31 - 1))
