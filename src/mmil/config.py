@@ -69,7 +69,7 @@ class TrainConfig(ConfigFile):
         standardize: z-score features with statistics of the training bags;
             ``None`` = automatic (on for MIL-benchmark CSVs, whose features are
             raw measurements, off for slide features from an encoder).
-        grad_clip: clip the gradient norm to this value (``None`` = off; 1.0 by default).
+        grad_clip: clip the gradient norm to this value (``None`` = off, the default).
         selection, select_window, select_min_epoch, select_margin: which epoch's weights are
             kept (:class:`mmil.recipe.ModelSelector`; ``selection="loss"``, ``select_min_epoch=1``
             is the recipe before issue 10).
@@ -95,16 +95,16 @@ class TrainConfig(ConfigFile):
     val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
                                  type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
     standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
-    grad_clip: float | None = option(1.0, help="clip the gradient norm to this value (null: off)", type=positive_float, cli=False)
+    grad_clip: float | None = option(None, help="clip the gradient norm to this value (null: off; measured harmful with the cosine schedule, docs/benchmarks.md)", type=positive_float, cli=False)
     selection: str = option("auc", help="model selection: auc (smoothed validation AUC, loss as tie-break) or loss (lowest validation loss)",
                             choices=SELECTIONS, cli=False)
     select_window: int = option(3, help="epochs over which the validation AUC is averaged for selection", type=positive_int, cli=False)
     select_min_epoch: int = option(5, help="an epoch before this one is kept only if better than every later one by select_margin",
                                    type=positive_int, cli=False)
     select_margin: float = option(0.05, help="margin by which an epoch before select_min_epoch must win", type=non_negative_float, cli=False)
-    lr_schedule: str = option("cosine", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
+    lr_schedule: str = option("constant", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
                               choices=SCHEDULES, cli=False)
-    warmup_epochs: float = option(1.0, help="linear learning-rate warm-up, in epochs", type=non_negative_float, cli=False)
+    warmup_epochs: float = option(0.0, help="linear learning-rate warm-up, in epochs", type=non_negative_float, cli=False)
     instance_dropout: float = option(0.25, help="share of a bag's instances dropped at random in each training step",
                                      type=Range(float, 0, 1, high_open=True), cli=False)
     feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
