@@ -163,6 +163,16 @@ def test_rerun_skips_changed_option_redoes_dependents_force_redoes(finished, tmp
     assert counted_steps == ["predict"]
 
 
+def test_a_skipped_step_leaves_the_stored_config_alone(finished, tmp_path, counted_steps):
+    src, _ = finished
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    before = (out / "config.yaml").read_text()
+    run_pipeline(out, {"lam": 0.5}, steps=("predict",), progress=False, log=_quiet)  # predict does not depend on lam
+    assert counted_steps == []
+    assert (out / "config.yaml").read_text() == before  # train.json was made with the stored lam, not 0.5
+
+
 def test_run_directory_of_another_model_is_refused(finished, tmp_path):
     src, _ = finished
     out = tmp_path / "copy"

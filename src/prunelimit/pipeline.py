@@ -85,7 +85,8 @@ def run_steps(run: RunDirectory, config: RunConfig, steps: Sequence[str] = STEPS
         if world_size > 1:
             torch.distributed.barrier()
         outcomes.append(StepOutcome(step, True, why if not force else "forced", seconds))
-    save_config(run, config)
+    # config.yaml was saved by each step that ran (_run_step); when every step was skipped it must not
+    # change, or the directory would describe settings its results were not made with.
     return outcomes
 
 
