@@ -6,8 +6,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from mmil.bench_report import ModelBench
+from mmil.stats import auc_of_probs
 from mmil.bench_stats import (
-    auc_metric,
     balanced_accuracy_metric,
     kept_epochs,
     model_statistics,
@@ -82,7 +82,7 @@ def test_multiclass_uses_paired_bootstrap_and_macro_auc():
     assert rows[1]["pooled_auc"] == pytest.approx(roc_auc_score(y, noise, multi_class="ovr", average="macro"))
     assert rows[1]["test"] == "paired bootstrap" and rows[1]["significant"] == "yes"
     assert balanced_accuracy_metric(y, noise) == pytest.approx(balanced_accuracy_score(y, noise.argmax(1)))
-    assert auc_metric(y, good) == 1.0
+    assert auc_of_probs(y, good) == 1.0
 
 
 def test_single_class_model_gets_no_interval_or_test():

@@ -4,7 +4,7 @@ import pytest
 from scipy import stats as st
 from sklearn.metrics import roc_auc_score
 
-from mmil.stats import binary_auc, bootstrap_ci, delong_test, holm_adjust, paired_bootstrap_test
+from mmil.stats import auc_of_probs, binary_auc, bootstrap_ci, delong_test, holm_adjust, paired_bootstrap_test
 
 
 def _naive_delong(y, a, b):
@@ -45,6 +45,18 @@ def test_rank_auc_matches_sklearn_with_ties():
     s = np.round(y * 0.5 + rng.normal(size=300), 1)
     assert binary_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert np.isnan(binary_auc(np.ones(5), s[:5]))
+
+
+def test_auc_of_probs_is_sklearns_binary_and_macro_one_vs_rest_auc():
+    rng = np.random.default_rng(6)
+    y3 = rng.integers(0, 3, 120)
+    p3 = rng.dirichlet(np.ones(3), size=120) + np.eye(3)[y3] * 0.3
+    p3 /= p3.sum(1, keepdims=True)
+    assert auc_of_probs(y3, p3) == pytest.approx(roc_auc_score(y3, p3, multi_class="ovr", average="macro"), abs=1e-12)
+    assert auc_of_probs(y3[:20], p3[:20, :][:, [0, 1, 2]]) == pytest.approx(
+        np.mean([roc_auc_score(y3[:20] == c, p3[:20, c]) for c in range(3) if 0 < (y3[:20] == c).sum() < 20]))
+    p2 = np.stack([1 - p3[:, 0], p3[:, 0]], 1)
+    assert auc_of_probs(y3 == 0, p2) == pytest.approx(roc_auc_score(y3 == 0, p3[:, 0]))
 
 
 def test_delong_identical_scores_and_one_class():

@@ -24,19 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .stats import binary_auc, bootstrap_ci, delong_test, holm_adjust, paired_bootstrap_test
+from .stats import auc_of_probs, bootstrap_ci, delong_test, holm_adjust, paired_bootstrap_test
 
 STATS_COLUMNS = ("model", "n_slides", "pooled_auc", "auc_low", "auc_high", "pooled_balanced_accuracy", "bacc_low", "bacc_high",
                  "reference", "auc_difference", "test", "p_value", "p_holm", "significant")
 
 
-def auc_metric(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC of ``probs[:, 1]``; macro one-vs-rest AUC for more classes (nan when a class is absent)."""
-    y, p = np.asarray(y), np.asarray(probs, dtype=np.float64)
-    if p.shape[1] == 2:
-        return binary_auc(y == 1, p[:, 1])
-    values = [binary_auc(y == c, p[:, c]) for c in range(p.shape[1])]
-    return float(np.mean(values)) if all(math.isfinite(v) for v in values) else float("nan")
 
 
 def balanced_accuracy_metric(y: np.ndarray, probs: np.ndarray) -> float:
@@ -55,7 +48,7 @@ def _compare(y: np.ndarray, ref: np.ndarray, other: np.ndarray, n_boot: int, see
     if ref.shape[1] == 2:
         auc_o, auc_r, p = delong_test(y == 1, other[:, 1], ref[:, 1])
         return auc_o - auc_r, "DeLong", p
-    diff, p = paired_bootstrap_test(y, other, ref, auc_metric, n_boot=n_boot, seed=seed)
+    diff, p = paired_bootstrap_test(y, other, ref, auc_of_probs, n_boot=n_boot, seed=seed)
     return diff, "paired bootstrap", p
 
 
@@ -72,7 +65,7 @@ def model_statistics(benches: Sequence[Any], *, n_boot: int = 2000, seed: int = 
         row = dict.fromkeys(STATS_COLUMNS, float("nan")) | {"model": b.model, "n_slides": len(y), "reference": "",
                                                             "test": "", "significant": ""}
         if len(np.unique(y)) >= 2 and len(y) == len(p):
-            auc = bootstrap_ci(y, p, auc_metric, n_boot=n_boot, level=level, seed=seed)
+            auc = bootstrap_ci(y, p, auc_of_probs, n_boot=n_boot, level=level, seed=seed)
             bacc = bootstrap_ci(y, p, balanced_accuracy_metric, n_boot=n_boot, level=level, seed=seed)
             row.update(pooled_auc=auc.estimate, auc_low=auc.low, auc_high=auc.high,
                        pooled_balanced_accuracy=bacc.estimate, bacc_low=bacc.low, bacc_high=bacc.high)

@@ -24,25 +24,12 @@ from torch import nn
 from .data.bags import Bag
 from .errors import MMILInputError
 from .models.base import MILOutput, model_inputs
+from .stats import auc_of_probs
 
 METRIC_NAMES = ("auc", "accuracy", "balanced_accuracy", "f1")
 
 
 # ----------------------------------------------------------------- metrics
-def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of scores for the positive class ``y_true == 1``.
-
-    AUC = P(score of a random positive > score of a random negative) + 0.5 P(tie)
-    (the Mann-Whitney statistic). NaN when one class is absent.
-    """
-    from sklearn.metrics import roc_auc_score
-
-    y_true = np.asarray(y_true)
-    if len(np.unique(y_true)) < 2:
-        return float("nan")
-    return float(roc_auc_score(y_true, scores))
-
-
 def classification_metrics(y_true: Sequence[int], probs: np.ndarray) -> dict[str, float]:
     """Metrics of one set of predicted probabilities ``probs`` ``(n, C)``.
 
@@ -65,11 +52,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray) -> dict[str
     if (y < 0).any() or (y >= p.shape[1]).any():
         raise ValueError(f"labels must lie in 0..{p.shape[1] - 1}")
     pred = p.argmax(1)
-    if p.shape[1] == 2:
-        auc = binary_auc(y, p[:, 1])
-    else:
-        per_class = [binary_auc((y == c).astype(int), p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
-        auc = float(np.mean(per_class)) if per_class else float("nan")
+    auc = auc_of_probs(y, p)
     with warnings.catch_warnings():
         # "y_pred contains classes not in y_true": expected on small test folds
         warnings.simplefilter("ignore", UserWarning)

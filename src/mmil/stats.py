@@ -42,6 +42,16 @@ def binary_auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
 
 
+def auc_of_probs(y: np.ndarray, probs: np.ndarray) -> float:
+    """AUC of class probabilities: binary AUC of ``probs[:, 1]`` for two classes, else the macro mean of
+    one-vs-rest AUCs over the classes both present and absent somewhere in ``y`` (nan when there is none)."""
+    y, p = np.asarray(y), np.asarray(probs, dtype=np.float64)
+    if p.shape[1] == 2:
+        return binary_auc(y == 1, p[:, 1])
+    values = [binary_auc(y == c, p[:, c]) for c in range(p.shape[1]) if 0 < (y == c).sum() < len(y)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _resample_indices(y: np.ndarray, n_boot: int, seed: int, stratified: bool) -> np.ndarray:
     """``(n_boot, n)`` indices drawn with replacement (within each class when ``stratified``).
 
