@@ -8,7 +8,7 @@ The math lives in :mod:`mmil.calibration`; this module ties it to runs and check
 - :func:`fit_fold_calibration` fits the temperature T on a fold's validation slides and keeps
   what conformal sets need later: the validation logits, labels and case ids.
 - :func:`store_calibration` writes it under ``extra.calibration`` of the checkpoint's ``config.json``.
-- :func:`conformal_sets` builds split-conformal (or Mondrian) sets at slide or patient level
+- :func:`conformal_thresholds` (with :func:`~mmil.calibration.prediction_sets`) gives split-conformal (or Mondrian) sets at slide or patient level
   from the stored validation slides.
 """
 from __future__ import annotations
@@ -156,22 +156,17 @@ def set_labels(sets: np.ndarray) -> list[str]:
     return ["|".join(str(k) for k in np.flatnonzero(row)) for row in np.asarray(sets, dtype=bool)]
 
 
-def conformal_sets(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Boolean ``(n, C)`` prediction sets."""
-    return prediction_sets(probs, thresholds)
-
-
 def conformal_report(calib: dict[str, Any], temperature: float, probs: np.ndarray, y: np.ndarray, alpha: float, *,
                      mondrian: bool = False, case_ids: Sequence[str] | None = None) -> dict[str, Any]:
     """Coverage, mean set size and abstention rate of the sets on labelled slides, and per patient with ``case_ids``."""
     q = conformal_thresholds(calib, temperature, alpha, mondrian=mondrian)
     out: dict[str, Any] = {"alpha": alpha, "mondrian": mondrian, "thresholds": q.tolist(), "n_calibration": len(calib["labels"]),
-                           "slide": set_metrics(conformal_sets(probs, q), y)}
+                           "slide": set_metrics(prediction_sets(probs, q), y)}
     if case_ids is not None:
         _, p_probs, p_y = by_patient(probs, case_ids, y)
         qp = conformal_thresholds(calib, temperature, alpha, mondrian=mondrian, patient=True)
         n_cal = len(set(calib["case_ids"])) if calib.get("case_ids") else len(calib["labels"])
-        out["patient"] = dict(set_metrics(conformal_sets(p_probs, qp), p_y), n_patients=len(p_y), n_calibration=n_cal,
+        out["patient"] = dict(set_metrics(prediction_sets(p_probs, qp), p_y), n_patients=len(p_y), n_calibration=n_cal,
                               thresholds=qp.tolist())
     return out
 
@@ -249,7 +244,7 @@ def predictions_table(cfg: dict[str, Any], checkpoint_dir: str | Path, slide_ids
     sets = None
     if alpha is not None:
         calib = require_calibration(cfg, checkpoint_dir)
-        sets = conformal_sets(probs, conformal_thresholds(calib, temperature, alpha, mondrian=mondrian))
+        sets = prediction_sets(probs, conformal_thresholds(calib, temperature, alpha, mondrian=mondrian))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["slide_id", *(f"prob_{c}" for c in range(probs.shape[1])), "pred", "repeat_std", *(("set", "abstain") if sets is not None else ())])
