@@ -25,6 +25,7 @@ from mmpl.config import option
 
 from .data import BatchIterable, DatasetBundle
 from .errors import PruneLimitError
+from .params import prunable_modules
 from .methods import (apply_masks, global_masks, magnitude_scores, random_scores, rewind, snip_scores, sparsity_by_layer,
                       synflow_masks, unmask)
 from .regularize import evaluate, train_l1
@@ -51,14 +52,14 @@ class CompareConfig:
     rewind_epoch: int = option(1, help="IMP rewinds survivors to their weights after this many epochs", type=non_negative_int)
     data_root: str | None = option(None, help="folder of local datasets (never downloaded)")
     device: str = option("cpu", help="torch device")
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "CompareConfig":
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise PruneLimitError(f"--methods {','.join(self.methods)}: choose from {', '.join(METHODS)}")
-        for s in self.sparsities:
-            open_fraction(str(s)) if 0 <= s < 1 else _bad("--sparsities", f"{s} is not in [0, 1)")
+        outside = [s for s in self.sparsities if not open_fraction.contains(s)]
+        if outside or not self.sparsities:
+            _bad("--sparsities", f"give removed fractions in [0, 1), got {', '.join(map(str, outside or ['none']))}")
         if not self.seeds or min(self.seeds) < 0:
             _bad("--seeds", "give one or more seeds >= 0")
         if self.rewind_epoch >= self.epochs:
@@ -104,8 +105,6 @@ def _row(trial: Trial, method: str, sparsity: float, model: nn.Module, seconds: 
 
 
 def _prunable(model: nn.Module) -> list[nn.Module]:
-    from .params import prunable_modules
-
     return [m for m, _ in prunable_modules(model)]
 
 
