@@ -219,6 +219,8 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     report: LoadReport | None = None
     weights: str | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
 
 
 def build_backbone(
@@ -235,7 +237,14 @@ def build_backbone(
     local file) and ``random_weights=True`` (seeded by ``seed``; for tests) is needed.
     ``input_size``: ``-1`` = the backbone's default (224 for ``resnet50-trunc``, CLAM's
     ``target_patch_size``; timm's pretrained config), ``None`` or ``0`` = keep patch size.
+    A preset name (``uni``, ``virchow2``, ...: :mod:`mmil.wsi.encoders.presets`) builds our own implementation.
     """
+    from .encoders.presets import PRESETS  # noqa: PLC0415 - encoder presets (uni, virchow2, ...; encoders/presets.py)
+
+    if name in PRESETS:
+        from .encoders.build import preset_backbone  # noqa: PLC0415
+
+        return preset_backbone(name, weights, random_weights=random_weights, seed=seed, input_size=input_size)
     if weights is None and not random_weights:
         raise MMILInputError(f"backbone {name!r} needs weights: {_WEIGHTS_HINT}")
     if weights is not None and random_weights:
@@ -251,7 +260,7 @@ def build_backbone(
         return Backbone(name, model.eval(), model.out_dim, size, report=report, weights=None if weights is None else str(weights))
     if name.startswith("timm:"):
         return _build_timm(name, name[len("timm:") :], weights, seed, input_size)
-    raise MMILInputError(f"unknown backbone {name!r}; choose 'resnet50-trunc' or 'timm:MODEL_NAME' (e.g. timm:vit_base_patch16_224)")
+    raise MMILInputError(f"unknown backbone {name!r}; choose 'resnet50-trunc', a preset ({', '.join(PRESETS)}) or 'timm:MODEL_NAME' (e.g. timm:vit_base_patch16_224)")
 
 
 def _build_timm(full_name: str, model_name: str, weights, seed: int, input_size: int | None) -> Backbone:

@@ -5,6 +5,7 @@ tensors (bilinear) and ``Normalize``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,14 +26,28 @@ def to_tensor(image) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(torch.float32).div_(255.0)
 
 
-def resize(x: Tensor, size: int) -> Tensor:
-    """Resize ``(C, H, W)`` or ``(B, C, H, W)`` to ``size`` x ``size`` (bilinear, antialiased when shrinking)."""
+def resize(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    """Resize ``(C, H, W)`` or ``(B, C, H, W)`` to ``size`` x ``size`` (``mode`` bilinear or bicubic, antialiased when shrinking).
+
+    Bicubic results are clamped to ``[0, 1]``, as PIL's bicubic resize of a uint8 image is.
+    """
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"resize mode must be 'bilinear' or 'bicubic', got {mode!r}")
     batched = x.dim() == 4
     y = x if batched else x.unsqueeze(0)
-    y = F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    y = F.interpolate(y, size=(size, size), mode=mode, align_corners=False, antialias=True)
+    if mode == "bicubic":
+        y = y.clamp_(0.0, 1.0)
     return y if batched else y.squeeze(0)
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` window of ``(..., H, W)``: top = ``round((H - size) / 2)`` (torchvision's CenterCrop)."""
+    h, w = x.shape[-2], x.shape[-1]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
 
 
 def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -44,14 +59,23 @@ def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
 @dataclass
 class PatchTransform:
-    """uint8 RGB patch -> normalised ``(3, size, size)`` tensor; ``size=None`` keeps the patch size."""
+    """uint8 RGB patch -> normalised ``(3, size, size)`` tensor; ``size=None`` keeps the patch size.
+
+    ``interpolation`` is the resize's (bilinear or bicubic); ``crop_pct < 1`` is timm's centre crop:
+    resize to ``floor(size / crop_pct)``, then keep the central ``size`` (``Resize(256), CenterCrop(224)``
+    is ``crop_pct = 224 / 256``).
+    """
 
     size: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
 
     def __call__(self, image) -> Tensor:
         x = to_tensor(image)
-        if self.size is not None:
-            x = resize(x, self.size)
+        if self.size is not None and self.crop_pct < 1.0:
+            x = center_crop(resize(x, int(math.floor(self.size / self.crop_pct)), self.interpolation), self.size)
+        elif self.size is not None:
+            x = resize(x, self.size, self.interpolation)
         return normalize(x, self.mean, self.std)
