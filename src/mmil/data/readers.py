@@ -6,6 +6,10 @@ Formats read:
   (a leading singleton axis ``(1, N, C)`` is accepted), optional ``coords``
   ``(N, 2)``, optional ``groups`` ``(N,)`` (precomputed sub-bag labels) and
   attributes such as ``patch_size`` and ``patch_level``.
+* STAMP HDF5 (``stamp preprocess``): dataset ``feats`` ``(N, C)`` (float16) and
+  ``coords`` ``(N, 2)`` in micrometres; file attributes ``extractor``, ``unit``
+  (``"um"``), ``tile_size_um``, ``tile_size_px``, ``feat_type``, ``stamp_version``.
+  Coordinates are kept in the file's unit (``attrs["unit"]``).
 * ``.pt`` files, one per slide: a tensor ``(N, C)`` or a dict with
   ``features`` and optional ``coords``/``groups``; loaded with
   ``torch.load(weights_only=True)`` so reading never executes code.
@@ -124,13 +128,25 @@ def _open_h5(path: Path):
         raise MMILInputError(f"{path}: cannot open as HDF5 ({err}); the file is corrupt or truncated, re-extract features for this slide") from None
 
 
+#: Names of the feature dataset: CLAM/TRIDENT/ours, then STAMP's.
+FEATURE_DATASETS = ("features", "feats")
+
+
+def _feature_key(f, path: Path) -> str:
+    """The feature dataset of an open HDF5 bag (``features``, or STAMP's ``feats``)."""
+    for key in FEATURE_DATASETS:
+        if key in f:
+            return key
+    found = ", ".join(sorted(f.keys())) or "nothing"
+    hint = " (a coordinate file: extract features from it with `mmil extract`)" if set(f.keys()) == {"coords"} else ""
+    raise MMILInputError(f"{path}: no `features` dataset (CLAM/TRIDENT; nor STAMP's `feats`; found: {found}){hint}; point --features at feature files")
+
+
 def h5_feature_shape(path: str | Path) -> tuple[int, ...]:
-    """Shape of the ``features`` dataset of an HDF5 bag, read without loading the data."""
+    """Shape of the feature dataset of an HDF5 bag, read without loading the data."""
     path = Path(path)
     with _open_h5(path) as f:
-        if "features" not in f:
-            raise MMILInputError(f"{path}: no `features` dataset (found: {', '.join(sorted(f.keys())) or 'nothing'}); expected a CLAM/TRIDENT feature file")
-        shape = tuple(f["features"].shape)
+        shape = tuple(f[_feature_key(f, path)].shape)
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2:
@@ -142,16 +158,17 @@ def read_h5_bag(path: str | Path, expected_dim: int | None = None) -> RawBag:
     """Read and validate one HDF5 bag; the file is closed before returning."""
     path = Path(path)
     with _open_h5(path) as f:
-        if "features" not in f:
-            raise MMILInputError(f"{path}: no `features` dataset (found: {', '.join(sorted(f.keys())) or 'nothing'}); expected a CLAM/TRIDENT feature file")
+        key = _feature_key(f, path)
         try:
-            features = f["features"][()]
+            features = f[key][()]
             coords = f["coords"][()] if "coords" in f else None
             groups = f["groups"][()] if "groups" in f else None
         except OSError as err:
             raise MMILInputError(f"{path}: cannot read datasets ({err}); the file is corrupt, re-extract features for this slide") from None
-        # CLAM keeps patch_size/patch_level on the coords dataset, TRIDENT on the file.
+        # CLAM keeps patch_size/patch_level on the coords dataset, TRIDENT on both, STAMP on the file;
+        # TRIDENT names the encoder on the features dataset.
         attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()} if "coords" in f else {}
+        attrs.update({k: _plain(v) for k, v in f[key].attrs.items()})
         attrs.update({k: _plain(v) for k, v in f.attrs.items()})
     features = check_features(np.asarray(features), path, expected_dim)
     n = features.shape[0]
@@ -203,20 +220,27 @@ def find_bag_files(directory: str | Path) -> dict[str, Path]:
     """Map slide id (file stem) -> bag file for a features directory.
 
     Looks in ``directory`` itself, else in CLAM's ``h5_files/`` or ``pt_files/``
-    sub-directories (the first that holds bags). Two files of one slide id in the same
-    folder (``a.h5`` and ``a.pt``) are an error naming both: which one holds the
-    intended features cannot be guessed.
+    sub-directories (the first that holds bags), else in the one ``features_<encoder>``
+    folder of a TRIDENT job root or ``<mag>x_<patch>px_<overlap>px_overlap`` folder
+    (:func:`mmil.data.layouts.trident_feature_dir`; several are refused, listed).
+    Two files of one slide id in the same folder (``a.h5`` and ``a.pt``) are an error
+    naming both: which one holds the intended features cannot be guessed.
     """
+    from .layouts import trident_feature_dir
+
     directory = Path(directory)
     if not directory.is_dir():
         raise MMILInputError(f"{directory}: features directory not found; pass a directory of .h5/.pt bags or a MIL-benchmark .csv")
     candidates = [directory, directory / "h5_files", directory / "pt_files"]
+    if not any(_holds_bags(c) for c in candidates):
+        trident = trident_feature_dir(directory)
+        candidates = candidates if trident is None else [trident]
     found: dict[str, Path] = {}
     for folder in candidates:
         if not folder.is_dir():
             continue
         for p in sorted(folder.iterdir()):
-            if p.suffix.lower() in FEATURE_SUFFIXES and p.is_file() and not p.name.startswith("."):
+            if _is_bag_file(p):
                 prev = found.get(p.stem)
                 if prev is not None:
                     raise MMILInputError(f"{prev} and {p}: two bag files for slide {p.stem!r}; keep one of them (or move the other out of {folder})")
@@ -224,8 +248,16 @@ def find_bag_files(directory: str | Path) -> dict[str, Path]:
         if found:
             break
     if not found:
-        raise MMILInputError(f"{directory}: no .h5 or .pt bag files found (also looked in h5_files/ and pt_files/); run feature extraction first or point --features at the right directory")
+        raise MMILInputError(f"{directory}: no .h5 or .pt bag files found (also looked in h5_files/, pt_files/ and TRIDENT's <cfg>/features_<encoder>/); run feature extraction first or point --features at the right directory")
     return found
+
+
+def _is_bag_file(p: Path) -> bool:
+    return p.suffix.lower() in FEATURE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+
+
+def _holds_bags(folder: Path) -> bool:
+    return folder.is_dir() and any(_is_bag_file(p) for p in folder.iterdir())
 
 
 @dataclass

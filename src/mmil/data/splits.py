@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -97,6 +98,26 @@ def fixed_split(splits: dict[str, Sequence[int]], labels: np.ndarray, val_fracti
     return FoldSplit(0, train, val, test)
 
 
+def split_file_indices(parts: dict[str, Sequence[str]], slide_ids: Sequence[str], source: str | Path) -> dict[str, np.ndarray]:
+    """Slide ids of one split file's ``train``/``val``/``test`` parts -> indices into ``slide_ids``.
+
+    An id matches a slide id exactly, or the slide id without its file extension
+    (label CSVs sometimes keep ``slide_1.svs``). Ids that match no slide are an error
+    naming ``source``: training on a subset of the folds' slides would go unnoticed.
+    """
+    index = {sid: i for i, sid in enumerate(slide_ids)}
+    for i, sid in enumerate(slide_ids):
+        index.setdefault(Path(sid).stem if Path(sid).suffix else sid, i)
+    unknown = [sid for name in ("train", "val", "test") for sid in parts.get(name, []) if sid not in index]
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise MMILInputError(
+            f"{source}: {len(unknown)} slide id(s) not in the labels/features ({', '.join(unknown[:5])}{more}); "
+            "add them to the label CSV and extract their features, or use split files made for this data set"
+        )
+    return {name: np.asarray([index[sid] for sid in parts.get(name, [])], dtype=np.int64) for name in ("train", "val", "test")}
+
+
 def plan_folds(
     labels: np.ndarray,
     *,
@@ -106,15 +127,21 @@ def plan_folds(
     groups: Sequence[str] | None = None,
     splits: dict[str, Sequence[int]] | None = None,
     fold_ids: np.ndarray | None = None,
+    predefined: Sequence[dict[str, Sequence[int]]] | None = None,
 ) -> list[FoldSplit]:
     """Every fold of an experiment, with an inner validation set per fold.
 
-    Priority: fixed ``splits`` (one fold), then predefined ``fold_ids`` (test
-    fold = bags with that id), else stratified ``k``-fold (patient-level with
-    ``groups``). The validation set is carved from each training part
-    (stratified, patient-level with ``groups``) for early stopping.
+    Priority: ``predefined`` folds (one ``{"train", "val", "test"}`` index dict per
+    fold, e.g. CLAM's ``splits_k.csv``), then fixed ``splits`` (one fold), then
+    predefined ``fold_ids`` (test fold = bags with that id), else stratified
+    ``k``-fold (patient-level with ``groups``). The validation set is carved from
+    each training part (stratified, patient-level with ``groups``) for early
+    stopping, unless the fold definition gives one.
     """
     labels = np.asarray(labels)
+    if predefined is not None:
+        plan = [fixed_split(parts, labels, val_fraction, seed + fold, groups) for fold, parts in enumerate(predefined)]
+        return [FoldSplit(fold, fs.train, fs.val, fs.test) for fold, fs in enumerate(plan)]
     if splits is not None:
         return [fixed_split(splits, labels, val_fraction, seed, groups)]
     if fold_ids is not None:

@@ -1,8 +1,11 @@
-"""Patch features per slide, written in CLAM's feature-file layout.
+"""Patch features per slide, written in CLAM's feature-file layout (or TRIDENT's, :mod:`mmil.wsi.layouts`).
 
 ``<out>/<slide_id>.h5``: dataset ``features`` (N, D) float32 and ``coords`` (N, 2)
 int64 (level-0 top-left corners, same order; the coordinate file's attributes are
-copied onto it), plus file attributes naming the backbone and preprocessing.
+copied onto it), plus file attributes naming the backbone, its preprocessing and the
+patch geometry (patch size at level 0, magnification, mpp). ``--layout clam`` puts the
+files in ``<out>/h5_files/``, ``--layout trident`` writes TRIDENT's job root, and ``--pt``
+adds CLAM's ``pt_files/<slide_id>.pt``.
 Files are written atomically, so an existing file is complete: reruns skip it
 (resume). Which region each patch covers comes from the coordinate file:
 
@@ -36,32 +39,25 @@ from mmpl.fsio import atomic_path
 from mmpl.jsonio import write_json, write_text
 from mmpl.progress import progress as _progress, show_progress
 
-from .. import __version__
 from ..errors import MMILInputError
 from ..evaluate import resolve_device
 from .backbones import Backbone, build_backbone
-from .slide import dataclass_to_dict, describe_slide_error, open_slide, per_slide_errors, read_rgb, remove_temp_files
+from .layouts import (LAYOUTS, SlideOutputs, complete_outputs, feature_file_attributes, find_coords_file, patch_attributes, resolve_coords_dir,
+                      slide_outputs, trident_coords_attributes, write_pt, write_pt_attributes, write_trident_patches)
+from .sharding import normalize_shard, parse_shard, resolve_shard, shard_arg, shard_items  # noqa: F401 (re-exported)
+from .slide import (dataclass_to_dict, describe_slide_error, level0_magnification, mpp_from_properties, open_slide, per_slide_errors,
+                    read_rgb, remove_temp_files)
 from .tiling import find_coords_dir
 from .transforms import PatchTransform
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def shard_arg(text: str) -> tuple[int, int]:
-    """argparse type of ``--shard I/N``."""
-    import argparse  # noqa: PLC0415
-
-    try:
-        return parse_shard(text)
-    except MMILInputError:
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}") from None
-
-
 @dataclass
 class ExtractConfig:
     """Options of ``mmil extract``."""
 
-    backbone: str = option("resnet50-trunc", help="'resnet50-trunc' (torchvision ResNet-50 up to layer3, 1024-d) or 'timm:MODEL_NAME' (needs timm)",
+    backbone: str = option("resnet50-trunc", help="'resnet50-trunc' (torchvision ResNet-50 up to layer3, 1024-d), a preset (uni, uni2-h, virchow2, h-optimus-0, gigapath, phikon-v2, ctranspath; our own implementations, --weights = the released file) or 'timm:MODEL_NAME' (needs timm)",
                            metavar="NAME")
     weights: str | None = option(None, help="local weight file (.pth/.pt state dict or .safetensors; torchvision/CLAM ResNet-50 names for resnet50-trunc)",
                                  metavar="FILE")
@@ -76,6 +72,11 @@ class ExtractConfig:
     device: str = option("auto", help=DEVICE_HELP)
     precision: str = option("auto", help="autocast precision on CUDA: auto (bf16 where supported, else fp16), fp32, fp16 or bf16; CPU always runs fp32", choices=PRECISIONS)
     overwrite: bool = option(False, help="recompute slides whose feature file exists (otherwise they are skipped)")
+    layout: str = option("mmil", choices=LAYOUTS,
+                         help="where feature files go: mmil (<out>/<slide>.h5), clam (<out>/h5_files/<slide>.h5) or trident "
+                         "(<out>/<mag>x_<patch>px_<overlap>px_overlap/patches/<slide>_patches.h5 and .../features_<backbone>/<slide>.h5)")
+    pt: bool = option(False, help="also write CLAM's pt_files/<slide>.pt (a float32 tensor (N, D), as CLAM's trainer reads it) "
+                      "and pt_files/attributes.json")
     shard: tuple[int, int] | str | None = option(None, type=shard_arg, metavar="I/N",
                                                  help="process share I of N (zero-based, e.g. 0/4) of the slides (none: under torchrun RANK/WORLD_SIZE, else all)")
     """(index, count), zero-based index; ``None`` = all slides, or this rank's share under torchrun."""
@@ -85,6 +86,8 @@ class ExtractConfig:
         check_fields(self, error=MMILInputError)
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r} (--precision)")
+        if self.layout not in LAYOUTS:
+            raise MMILInputError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r} (--layout)")
         self.shard = normalize_shard(self.shard)
         if self.input_size == 0:
             self.input_size = None
@@ -108,45 +111,7 @@ class ExtractResult:
     seconds: float
     status: str  # "ok", "exists", "skipped" (no coordinate file), "failed"
     error: str = ""
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``."""
-    try:
-        i_s, n_s = text.split("/")
-        i, n = int(i_s), int(n_s)
-    except ValueError:
-        raise MMILInputError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise MMILInputError(f"--shard I/N needs 0 <= I < N, got {text!r}")
-    return i, n
-
-
-def normalize_shard(value: Any) -> tuple[int, int] | None:
-    """A shard from a config: ``None``, ``"I/N"`` or ``[I, N]`` -> ``(I, N)``; anything else is refused."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return parse_shard(value)
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    if not ok or not (value[1] >= 1 and 0 <= value[0] < value[1]):
-        raise MMILInputError(f"shard must be I/N or [I, N] with 0 <= I < N, got {value!r} (--shard)")
-    return int(value[0]), int(value[1])
-
-
-def resolve_shard(shard: tuple[int, int] | None, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """The explicit shard, else torchrun's ``(RANK, WORLD_SIZE)``, else ``(0, 1)``."""
-    if shard is not None:
-        return shard
-    env = os.environ if env is None else env
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    return 0, 1
-
-
-def shard_items(items: Sequence, index: int, count: int) -> list:
-    """Round-robin share ``items[index::count]`` (shares are disjoint and cover ``items``)."""
-    return list(items[index::count])
+    outputs: SlideOutputs | None = None  # the files of a slide done ("ok" or "exists")
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -245,12 +210,14 @@ def embed_patches(backbone: Backbone, dataset: Dataset, *, batch_size: int, work
     return out
 
 
-def write_features_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict, file_attrs: dict) -> None:
-    """Write ``features`` (float32) and ``coords`` (int64) atomically."""
+def write_features_h5(path: Path, features: np.ndarray, coords: np.ndarray, coords_attrs: dict, file_attrs: dict, features_attrs: dict | None = None) -> None:
+    """Write ``features`` (float32) and ``coords`` (int64) atomically, with their attributes."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
+            fs = f.create_dataset("features", data=np.asarray(features, dtype=np.float32))
             ds = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+            for k, v in (features_attrs or {}).items():
+                fs.attrs[k] = v
             for k, v in coords_attrs.items():
                 ds.attrs[k] = v
             for k, v in file_attrs.items():
@@ -269,32 +236,66 @@ def features_complete(path: Path) -> int | None:
         return None
 
 
-def extract_slide(slide_path: Path, coords_path: Path, out_path: Path, backbone: Backbone, cfg: ExtractConfig, device: torch.device, progress: bool = False) -> int:
-    """Features of one slide, written to ``out_path``; returns the number of patches."""
+@dataclass
+class SlideJob:
+    """One slide's coordinates, patch geometry (:func:`~mmil.wsi.layouts.patch_attributes`) and output files."""
+
+    slide_id: str
+    plan: PatchPlan
+    geometry: dict[str, Any]
+    level0_size: tuple[int, int]
+    outputs: SlideOutputs
+
+
+def plan_slide(slide_id: str, slide_path: Path, coords_path: Path, out_dir: Path, cfg: ExtractConfig) -> SlideJob:
+    """Read the coordinate file, check it against the slide, and place the outputs (the slide is opened briefly)."""
     plan = read_patch_plan(coords_path)
     slide = open_slide(slide_path)
     try:
         check_plan_fits_slide(plan, slide, coords_path, slide_path)
+        props = dict(slide.properties)
+        try:
+            mag0 = level0_magnification(props)
+        except ValueError:
+            mag0 = None
+        geometry = patch_attributes(plan.attrs, plan.read_size, float(slide.level_downsamples[plan.level]), plan.target_size, mag0, mpp_from_properties(props))
+        size0 = tuple(int(v) for v in slide.level_dimensions[0])
     finally:
         slide.close()
+    outputs = slide_outputs(cfg.layout, out_dir, slide_id, cfg.backbone, cfg.pt, geometry, coords_path)
+    return SlideJob(slide_id, plan, geometry, size0, outputs)
+
+
+def extract_slide(slide_path: Path, coords_path: Path, job: SlideJob, backbone: Backbone, cfg: ExtractConfig, device: torch.device, progress: bool = False) -> int:
+    """Features of one slide, written to ``job.outputs`` in ``cfg.layout``; returns the number of patches."""
+    plan = job.plan
     size = backbone.input_size or plan.target_size
-    dataset = SlidePatchDataset(slide_path, plan, PatchTransform(size, backbone.mean, backbone.std))
+    dataset = SlidePatchDataset(slide_path, plan, PatchTransform(size, backbone.mean, backbone.std, backbone.interpolation, backbone.crop_pct))
     try:
         feats = embed_patches(backbone, dataset, batch_size=cfg.batch_size, workers=cfg.workers, device=device, precision=cfg.precision, progress=progress, desc=slide_path.name)
     finally:
         dataset.close()
     if not np.all(np.isfinite(feats)):
         raise MMILInputError(f"{slide_path}: the backbone produced non-finite features (overflow under --precision {cfg.precision}); rerun with --precision fp32 or bf16")
-    file_attrs = {
-        "backbone": backbone.name,
-        "weights": os.path.basename(backbone.weights) if backbone.weights else "random",
-        "input_size": np.int64(size),
-        "mean": np.asarray(backbone.mean, dtype=np.float64),
-        "std": np.asarray(backbone.std, dtype=np.float64),
-        "mmil_version": __version__,
-    }
-    write_features_h5(out_path, feats, plan.coords, plan.attrs, file_attrs)
+    file_attrs = feature_file_attributes(backbone, cfg.backbone, cfg.layout, size, job.geometry)
+    coords_attrs, feature_attrs = plan.attrs, {}
+    if job.outputs.patches is not None:  # TRIDENT: its own attribute names, on the coordinate and the feature file
+        coords_attrs = trident_coords_attributes(job.geometry, job.slide_id, job.level0_size)
+        feature_attrs = {"encoder": backbone.name, "name": coords_attrs["name"]}
+        _write_trident_patches(job, coords_path)
+    if job.outputs.pt is not None:  # before the feature file, whose presence marks the slide done
+        write_pt(job.outputs.pt, feats)
+    write_features_h5(job.outputs.features, feats, plan.coords, coords_attrs, file_attrs, feature_attrs)
     return int(feats.shape[0])
+
+
+def _write_trident_patches(job: SlideJob, coords_path: Path) -> None:
+    """TRIDENT's ``<slide>_patches.h5``, unless it is the coordinate file being read."""
+    target = job.outputs.patches
+    if target.exists() and os.path.samefile(target, coords_path):
+        return
+    attrs = trident_coords_attributes(job.geometry, job.slide_id, job.level0_size)
+    write_trident_patches(target, job.plan.coords, attrs)
 
 
 def check_out_is_not_coords(out_dir: str | Path, coords_dir: Path) -> None:
@@ -314,37 +315,60 @@ def _write_summary(path: Path, results: Sequence[ExtractResult]) -> None:
 
 
 def _extract_one(slide_id: str, slide_path: Path, coords_dir: Path, out_dir: Path, backbone: Backbone | None, cfg: ExtractConfig, device: torch.device, show: bool) -> ExtractResult:
-    out_path = out_dir / f"{slide_id}.h5"
-    done = features_complete(out_path)
-    if done is not None and not cfg.overwrite:
-        return ExtractResult(slide_id, done, 0.0, "exists")
-    coords_path = coords_dir / f"{slide_id}.h5"
-    if not coords_path.is_file():
-        return ExtractResult(slide_id, 0, 0.0, "skipped", f"{coords_path}: no coordinate file (tiling failed or found no tissue; see the tiling summary.csv)")
+    coords_path = find_coords_file(coords_dir, slide_id)
+    if cfg.layout != "trident":  # the output path is known without the coordinates
+        outputs = slide_outputs(cfg.layout, out_dir, slide_id, cfg.backbone, cfg.pt)
+        done = features_complete(outputs.features)
+        if done is not None and not cfg.overwrite:  # done: neither the slide nor its coordinates are needed
+            complete_outputs(outputs, None)
+            return ExtractResult(slide_id, done, 0.0, "exists", outputs=outputs)
+    if coords_path is None:
+        return ExtractResult(slide_id, 0, 0.0, "skipped", f"{coords_dir / (slide_id + '.h5')}: no coordinate file (nor {slide_id}_patches.h5; tiling failed or found no tissue, see the tiling summary.csv)")
     t0 = time.perf_counter()
     try:
-        n = extract_slide(Path(slide_path), coords_path, out_path, backbone, cfg, device, progress=show)
-        return ExtractResult(slide_id, n, time.perf_counter() - t0, "ok")
+        job = plan_slide(slide_id, Path(slide_path), coords_path, out_dir, cfg)
+        done = features_complete(job.outputs.features)
+        if done is not None and not cfg.overwrite:
+            complete_outputs(job.outputs, lambda: _write_trident_patches(job, coords_path))
+            return ExtractResult(slide_id, done, 0.0, "exists", outputs=job.outputs)
+        n = extract_slide(Path(slide_path), coords_path, job, backbone, cfg, device, progress=show)
+        return ExtractResult(slide_id, n, time.perf_counter() - t0, "ok", outputs=job.outputs)
     except per_slide_errors() as err:
         return ExtractResult(slide_id, 0, time.perf_counter() - t0, "failed", describe_slide_error(err, slide_path))
+
+
+def _needs_backbone(slide_id: str, slide_path: Path, coords_dir: Path, out_dir: Path, cfg: ExtractConfig) -> bool:
+    """Whether this slide will run the backbone (unsure -> True; failures are reported later, per slide)."""
+    if cfg.overwrite:
+        return True
+    if cfg.layout != "trident":
+        return features_complete(slide_outputs(cfg.layout, out_dir, slide_id, cfg.backbone, False).features) is None
+    coords_path = find_coords_file(coords_dir, slide_id)
+    if coords_path is None:
+        return False
+    try:
+        return features_complete(plan_slide(slide_id, Path(slide_path), coords_path, out_dir, cfg).outputs.features) is None
+    except per_slide_errors():
+        return True
 
 
 def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path, out_dir: str | Path, cfg: ExtractConfig, progress: bool = True, backbone: Backbone | None = None) -> list[ExtractResult]:
     """Extract features for this shard's slides; failures are recorded and the run continues.
 
     Writes ``extract_config.json`` and ``extract_summary.csv`` in ``out_dir`` (with a
-    ``.shardI-of-N`` suffix when sharded, so ranks never write the same file).
+    ``.shardI-of-N`` suffix when sharded, so ranks never write the same file), and with
+    ``--pt`` an ``attributes.json`` (same suffix) beside the ``.pt`` files.
     Everything that can stop the run is checked before anything is written.
     """
     cfg.validate()
-    coords_dir = find_coords_dir(coords_dir)
+    coords_dir = find_coords_dir(resolve_coords_dir(coords_dir))
     check_out_is_not_coords(out_dir, coords_dir)
     out_dir = Path(out_dir)
     index, count = resolve_shard(cfg.shard)
     mine = shard_items(sorted(slides, key=lambda t: t[0]), index, count)
     device = resolve_device(cfg.device)
     show = show_progress(progress)
-    todo = [(sid, p) for sid, p in mine if cfg.overwrite or features_complete(out_dir / f"{sid}.h5") is None]
+    todo = [(sid, p) for sid, p in mine if _needs_backbone(sid, p, coords_dir, out_dir, cfg)]
     if backbone is None and todo:  # built before anything is written: a bad backbone leaves no output
         backbone = build_backbone(cfg.backbone, cfg.weights, random_weights=cfg.random_weights, seed=cfg.seed, input_size=cfg.input_size)
     if backbone is not None:
@@ -358,4 +382,6 @@ def extract_features(slides: Sequence[tuple[str, Path]], coords_dir: str | Path,
     results = [_extract_one(sid, p, coords_dir, out_dir, backbone, cfg, device, show)
                for sid, p in _progress(mine, show, f"extract (shard {index}/{count})")]
     _write_summary(out_dir / summary_name, results)
+    if cfg.pt:
+        write_pt_attributes([r.outputs for r in results if r.status in ("ok", "exists")], f"attributes{suffix}.json")
     return results
