@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from mmpl.fsio import atomic_path
+from mmpl import plotstyle
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 #: Calibration of each fold's test probabilities before/after its temperature (see :mod:`mmil.calibrate_run`).
@@ -121,11 +121,6 @@ def summary_markdown(summary: Sequence[dict[str, Any]], cost: Sequence[dict[str,
     return "\n".join(lines)
 
 
-def _save_figure(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
 def roc_points(y_true: Sequence[int], probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """ROC curve of pooled out-of-fold predictions: binary on ``probs[:, 1]``;
     multi-class micro-averaged one-vs-rest. Returns ``(fpr, tpr, auc)``."""
@@ -141,61 +136,86 @@ def roc_points(y_true: Sequence[int], probs: np.ndarray) -> tuple[np.ndarray, np
     return fpr, tpr, float(auc(fpr, tpr))
 
 
-def plot_roc(benches: Sequence[ModelBench], path: Path) -> None:
-    from matplotlib.figure import Figure
+#: Legend labels of the metrics in ``metrics.png``.
+METRIC_LABELS = {"auc": "ROC AUC", "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "f1": "macro F1"}
 
-    fig = Figure(figsize=(5.5, 5))
-    ax = fig.subplots()
-    for b in benches:
-        if len(set(b.y_true)) < 2:
-            continue
-        fpr, tpr, auc = roc_points(b.y_true, np.asarray(b.probs))
-        ax.plot(fpr, tpr, label=f"{b.model} (pooled AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title("ROC of out-of-fold predictions")
-    ax.legend(loc="lower right", fontsize=8)
-    _save_figure(fig, path)
+
+def roc_figure(benches: Sequence[ModelBench]):
+    """Pooled out-of-fold ROC curves, one per model (markers every tenth of the curve)."""
+    fig, ax = plotstyle.new_figure(5.6, 5.2)
+    with plotstyle.apply():
+        for i, b in enumerate(benches):
+            if len(set(b.y_true)) < 2:
+                continue
+            fpr, tpr, auc = roc_points(b.y_true, np.asarray(b.probs))
+            ax.plot(fpr, tpr, **plotstyle.series_style(i), markevery=0.1, label=f"{b.model} (pooled AUC {auc:.3f})")
+        ax.plot([0, 1], [0, 1], **plotstyle.REFERENCE, label="chance")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("false positive rate (1 - specificity)")
+        ax.set_ylabel("true positive rate (sensitivity)")
+        ax.set_title("ROC of out-of-fold test predictions")
+        ax.legend(loc="lower right")
+    return fig
+
+
+def plot_roc(benches: Sequence[ModelBench], path: Path) -> None:
+    plotstyle.save_figure(roc_figure(benches), path)
+
+
+def metric_bars_figure(summary: Sequence[dict[str, Any]]):
+    """Grouped bars: each metric's mean over folds per model, error bars +-1 sample sd."""
+    fig, ax = plotstyle.new_figure(max(6.4, 1.3 * len(summary) + 2), 4.6)
+    width = 0.8 / len(METRICS)
+    x = np.arange(len(summary))
+    folds = sorted({int(s.get("folds", 0)) for s in summary})
+    with plotstyle.apply():
+        for j, m in enumerate(METRICS):
+            ax.bar(x + (j - (len(METRICS) - 1) / 2) * width, [s[m] for s in summary], width, yerr=[s[f"{m}_std"] for s in summary],
+                   color=plotstyle.OKABE_ITO[j], hatch=("", "//", "..", "xx")[j % 4], edgecolor="white", linewidth=0.5,
+                   error_kw={"elinewidth": 1, "capsize": 2}, label=METRIC_LABELS.get(m, m))
+        ax.set_xticks(x, [s["model"] for s in summary], rotation=20, ha="right")
+        ax.set_ylim(0, 1.2)  # the legend sits above 1, where no metric reaches
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_xlabel("model (ranked by mean AUC)")
+        ax.set_ylabel("test metric (fraction), mean +- sd over folds")
+        ax.set_title(f"mmil bench: cross-validated test metrics ({'/'.join(map(str, folds))} folds)")
+        ax.legend(ncol=len(METRICS), loc="upper center")
+    return fig
 
 
 def plot_metric_bars(summary: Sequence[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
+    plotstyle.save_figure(metric_bars_figure(summary), path)
 
-    fig = Figure(figsize=(max(6, 1.3 * len(summary) + 2), 4.5))
-    ax = fig.subplots()
-    width = 0.8 / len(METRICS)
-    x = np.arange(len(summary))
-    for j, m in enumerate(METRICS):
-        ax.bar(x + (j - (len(METRICS) - 1) / 2) * width, [s[m] for s in summary], width, yerr=[s[f"{m}_std"] for s in summary], capsize=2, label=m)
-    ax.set_xticks(x, [s["model"] for s in summary], rotation=20)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("mean over folds (± std)")
-    ax.legend(fontsize=8, ncol=len(METRICS), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-    _save_figure(fig, path)
+
+def cost_figure(cost: Sequence[dict[str, Any]]):
+    """Inference time and peak memory against bag size, log-log, one series style per model (colour,
+    marker, line style; open markers and strokes that thin from one model to the next keep coinciding lines apart)."""
+    fig, axes = plotstyle.new_figure(11.0, 4.4, ncols=2)
+    with plotstyle.apply():
+        for i, m in enumerate(dict.fromkeys(r["model"] for r in cost)):
+            pts = [r for r in cost if r["model"] == m and r["status"] == "ok"]
+            if not pts:
+                continue
+            n, style = [r["n_instances"] for r in pts], plotstyle.series_style(i)
+            for ax, y in zip(axes, ([r["inference_ms"] for r in pts], [max(r["peak_memory_mb"], 1e-3) for r in pts])):
+                ax.plot(n, y, **style, markerfacecolor="none", markersize=10 - 2.5 * (i % 3), linewidth=2.8 - 0.8 * (i % 3), label=m)
+        device = cost[0]["device"] if cost else "?"
+        for ax, label in zip(axes, (f"inference time per bag (ms, {device})", "peak tensor memory (MB)")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("instances per bag N (count)")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.25)
+        axes[0].set_title("time of one no_grad forward pass")
+        axes[1].set_title("peak memory of that pass")
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend()
+    return fig
 
 
 def plot_cost(cost: Sequence[dict[str, Any]], path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    axes = fig.subplots(1, 2)
-    for m in dict.fromkeys(r["model"] for r in cost):
-        pts = [r for r in cost if r["model"] == m and r["status"] == "ok"]
-        if not pts:
-            continue
-        n = [r["n_instances"] for r in pts]
-        axes[0].plot(n, [r["inference_ms"] for r in pts], marker="o", label=m)
-        axes[1].plot(n, [max(r["peak_memory_mb"], 1e-3) for r in pts], marker="o", label=m)
-    for ax, label in zip(axes, ("inference time per bag (ms)", "peak memory (MB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("instances per bag N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    _save_figure(fig, path)
-
+    plotstyle.save_figure(cost_figure(cost), path)
 
 
 def read_results_csv(path: str | Path) -> list[dict[str, str]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from mmpl.fsio import atomic_path
+from mmpl import plotstyle
 
 from .calibration import expected_calibration_error
 
@@ -20,30 +20,30 @@ def reliability_points(probs: np.ndarray, y: np.ndarray, n_bins: int = 10) -> tu
             np.array([len(p) for p in parts]))
 
 
+def reliability_figure(y_per_fold: Sequence[np.ndarray], probs_before: Sequence[np.ndarray], probs_after: Sequence[np.ndarray] | None,
+                       *, title: str = "reliability", n_bins: int = 10):
+    """The reliability diagram :class:`~matplotlib.figure.Figure`; ``probs_after`` ``None`` draws the raw curve only."""
+    y = np.concatenate([np.asarray(v) for v in y_per_fold])
+    curves = [("uncalibrated", np.concatenate([np.asarray(p) for p in probs_before]))]
+    if probs_after is not None:
+        curves.append(("temperature-scaled", np.concatenate([np.asarray(p) for p in probs_after])))
+    fig, ax = plotstyle.new_figure(5.2, 5.0)
+    with plotstyle.apply():
+        for i, (label, probs) in enumerate(curves):
+            conf, acc, _ = reliability_points(probs, y, n_bins)
+            ax.plot(conf, acc, **plotstyle.series_style(i), label=f"{label} (ECE {expected_calibration_error(probs, y, n_bins):.3f})")
+        low = 1.0 / curves[0][1].shape[1]
+        ax.plot([low, 1], [low, 1], **plotstyle.REFERENCE, label="perfect calibration")
+        ax.set_xlim(low - 0.02, 1.01)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel(f"confidence (max class probability; {n_bins} equal-count bins)")
+        ax.set_ylabel("accuracy (fraction correct)")
+        ax.set_title(title)
+        ax.legend(loc="upper left")
+    return fig
+
+
 def plot_reliability(y_per_fold: Sequence[np.ndarray], probs_before: Sequence[np.ndarray], probs_after: Sequence[np.ndarray] | None,
                      path: str | Path, *, title: str = "reliability", n_bins: int = 10) -> Path:
-    """Write the reliability diagram PNG to ``path`` (atomically); ``probs_after`` ``None`` draws the raw curve only."""
-    from matplotlib.figure import Figure
-
-    y = np.concatenate([np.asarray(v) for v in y_per_fold])
-    curves = [("uncalibrated", np.concatenate([np.asarray(p) for p in probs_before]), "o-")]
-    if probs_after is not None:
-        curves.append(("temperature-scaled", np.concatenate([np.asarray(p) for p in probs_after]), "s-"))
-    fig = Figure(figsize=(5, 5), dpi=100)
-    ax = fig.subplots()
-    for label, probs, style in curves:
-        conf, acc, _ = reliability_points(probs, y, n_bins)
-        ax.plot(conf, acc, style, lw=1.5, ms=4, label=f"{label} (ECE {expected_calibration_error(probs, y, n_bins):.3f})")
-    low = 1.0 / curves[0][1].shape[1]
-    ax.plot([low, 1], [low, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-    ax.set_xlim(low - 0.02, 1.01)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel(f"confidence (max probability), {n_bins} equal-count bins")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    """Write the reliability diagram PNG (:func:`reliability_figure`) to ``path`` (atomically)."""
+    return plotstyle.save_figure(reliability_figure(y_per_fold, probs_before, probs_after, title=title, n_bins=n_bins), path)

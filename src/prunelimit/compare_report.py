@@ -18,11 +18,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mmpl import plotstyle
 from mmpl.config import differences
 from mmpl.jsonio import write_json, write_text
 
 from .compare import RESULT_COLUMNS, CompareConfig, Trial, config_dict, predicted_limit, run_method
 from .errors import PruneLimitError
+from .report import kept_axis, kept_fraction
 
 
 def _load_rows(out: Path, cfg: CompareConfig) -> list[dict]:
@@ -132,33 +134,31 @@ def summary_markdown(rows: list[dict], cfg: CompareConfig, prediction: dict | No
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(rows: list[dict], path: Path, prediction: dict | None) -> None:
-    """Test accuracy (mean +- std over seeds) against the kept fraction on a log axis, p* marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mmpl.fsio import atomic_path
-
+def accuracy_figure(rows: list[dict], prediction: dict | None):
+    """Test accuracy (mean +- sd over seeds) against the kept fraction ``1 - sparsity`` on a log
+    axis (:func:`prunelimit.report.kept_axis`), one marker and line style per method, p* marked."""
     table = _table(rows)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in sorted({m for m, _ in table}):
-        sparsities = sorted(s for m, s in table if m == method)
-        means = [table[(method, s)].mean() for s in sparsities]
-        stds = [table[(method, s)].std() for s in sparsities]
-        ax.errorbar([1 - s for s in sparsities], means, yerr=stds, marker="o", capsize=3, label=method)
-    if prediction:
-        ax.axvline(prediction["kept_fraction"], color="k", ls="--", lw=1, label=f"predicted limit (keep {prediction['kept_fraction']:.3f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("kept fraction of prunable weights (log)")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    fig, ax = plotstyle.new_figure(8.6, 4.6)
+    with plotstyle.apply():
+        for i, method in enumerate(sorted({m for m, _ in table})):
+            sparsities = sorted(s for m, s in table if m == method)
+            means = [table[(method, s)].mean() for s in sparsities]
+            stds = [table[(method, s)].std() for s in sparsities]
+            ax.errorbar(kept_fraction(sparsities), means, yerr=stds, **plotstyle.series_style(i), markerfacecolor="none",
+                        label=method)
+        if prediction:
+            ax.axvline(prediction["kept_fraction"], **dict(plotstyle.PREDICTED, color="black"),
+                       label=f"predicted limit p* = {prediction['predicted_ratio']:.4f} (lomp, seed {prediction.get('seed', 0)})")
+        kept_axis(ax, ticks=kept_fraction(sorted({s for _, s in table})))
+        ax.set_ylabel("test accuracy (fraction correct)")
+        ax.set_title("accuracy after pruning, mean +- sd over seeds")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    return fig
+
+
+def plot_accuracy(rows: list[dict], path: Path, prediction: dict | None) -> None:
+    """Write :func:`accuracy_figure` to ``path`` (atomically)."""
+    plotstyle.save_figure(accuracy_figure(rows, prediction), path)
 
 
 def make_trial_factory(cfg: CompareConfig) -> Callable[[int], Trial]:
