@@ -133,4 +133,6 @@ def test_load_for_inference_checks_dim_classes_and_standardization(tmp_path):
 
 def test_predictions_csv_layout():
     text = predictions_csv(["a", "b"], np.array([[0.25, 0.75], [0.9, 0.1]]))
-    assert text.splitlines() == ["slide_id,prob_0,prob_1,pred", "a,0.250000,0.750000,1", "b,0.900000,0.100000,0"]
+    assert text.splitlines() == ["slide_id,prob_0,prob_1,pred_label", "a,0.250000,0.750000,1", "b,0.900000,0.100000,0"]
+    named = predictions_csv(["a", "b"], np.array([[0.25, 0.75], [0.9, 0.1]]), [0, 0], class_names=["normal", "tumor"])
+    assert named.splitlines() == ["slide_id,label,prob_normal,prob_tumor,pred_label", "a,normal,0.250000,0.750000,tumor", "b,normal,0.900000,0.100000,normal"]

@@ -190,7 +190,7 @@ def test_heatmap_command_writes_png_geojson_and_scores(heatmap_inputs, capsys):
     assert np.array_equal(np.array([[int(r["x"]), int(r["y"])] for r in table]), coords)
     assert np.allclose([float(r["score"]) for r in table], scores, rtol=1e-5, atol=1e-9)
     assert float(rows["a"]["prob_tumor"]) == pytest.approx(probs[1], abs=1e-5)
-    assert rows["a"]["predicted"] == ["normal", "tumor"][int(np.argmax(probs))]
+    assert rows["a"]["pred_label"] == ["normal", "tumor"][int(np.argmax(probs))]
     # GeoJSON: valid, one square per patch, back to the feature file's coordinates
     geo = json.loads((out / "a.geojson").read_text())
     validate_feature_collection(geo, len(coords))

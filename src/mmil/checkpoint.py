@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from mmpl.fsio import atomic_path
@@ -27,6 +27,8 @@ from .models.mmil_transformer import MMILTransformer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+SLIDES_NAME = "slides.json"
+SEEN_ROLES = ("train", "val")
 FORMAT = "mmil-checkpoint"
 
 
@@ -34,14 +36,23 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or does not fit the request."""
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, model_name: str, model_kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write weights then config, each atomically; the config is written last so a
-    directory with a config always has matching weights."""
+def save_checkpoint(directory: str | Path, model: nn.Module, model_name: str, model_kwargs: dict[str, Any], extra: dict[str, Any] | None = None,
+                    slides: Mapping[str, Sequence[str]] | None = None) -> Path:
+    """Write weights, the slides the model saw, then config, each atomically; the config is written last so a
+    directory with a config always has matching weights.
+
+    ``slides`` (``{"train": ids, "val": ids}``: the slides the weights were fitted on and selected with) goes to
+    ``slides.json``; without it a stale ``slides.json`` is removed, so the file never describes other weights.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp))
+    if slides is not None:
+        write_json(directory / SLIDES_NAME, {role: [str(s) for s in slides.get(role, ())] for role in SEEN_ROLES})
+    else:
+        (directory / SLIDES_NAME).unlink(missing_ok=True)
     write_json(directory / CONFIG_NAME, {"format": FORMAT, "version": 1, "model": model_name, "model_kwargs": model_kwargs, "extra": extra or {}})
     return directory
 
@@ -59,6 +70,30 @@ def read_checkpoint_config(directory: str | Path) -> dict[str, Any]:
     if cfg.get("format") != FORMAT or "model" not in cfg or "model_kwargs" not in cfg:
         raise CheckpointError(f"{cfg_path}: not an mmil checkpoint config (missing 'format', 'model' or 'model_kwargs')")
     return cfg
+
+
+def read_seen_slides(directory: str | Path) -> dict[str, list[str]] | None:
+    """The slides a checkpoint was trained (``train``) and selected (``val``) on, or ``None`` when unknown.
+
+    Read from ``slides.json``; for a fold checkpoint of a cross-validation run written before that file
+    existed (``RUN/fold_k/checkpoint`` with ``extra.fold = k``), from the run's ``folds.json``.
+    """
+    directory = Path(directory)
+    path = directory / SLIDES_NAME
+    try:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return {role: [str(s) for s in data.get(role) or []] for role in SEEN_ROLES}
+        fold = read_checkpoint_config(directory).get("extra", {}).get("fold")
+        plan_path = directory.parent.parent / "folds.json"
+        if fold is None or not plan_path.is_file():
+            return None
+        for entry in json.loads(plan_path.read_text()):
+            if entry.get("fold") == fold:
+                return {role: [str(s) for s in entry.get(role) or []] for role in SEEN_ROLES}
+    except (json.JSONDecodeError, AttributeError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable list of training slides ({err}); delete it or re-create the checkpoint") from None
+    return None
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu", **override_kwargs) -> tuple[nn.Module, dict[str, Any]]:

@@ -97,10 +97,12 @@ def resolve_device(device: str | torch.device, option: str = "--device") -> torc
 
 
 def autocast(device: torch.device, precision: str):
-    """Autocast context for ``precision`` (``"bf16"`` on CPU or CUDA; ``"fp32"`` = off)."""
-    if precision not in ("fp32", "bf16"):
-        raise MMILInputError(f"precision must be fp32 or bf16, got {precision!r}")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """Autocast context for ``precision`` (``"bf16"`` on CPU or CUDA; ``"fp32"`` = off; ``"auto"``:
+    :func:`mmil.precision.resolve_precision`)."""
+    from .precision import resolve_precision
+
+    chosen = resolve_precision(precision, device)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=chosen == "bf16")
 
 
 def forward_bag(model: nn.Module, bag: Bag, *, device: torch.device, seed: int | None, precision: str = "fp32", return_scores: bool = False) -> MILOutput:
@@ -221,14 +223,78 @@ def _require_every_label(dataset) -> None:
         raise MMILInputError(f"{dataset.source}: {len(missing)} slide(s) without a label ({', '.join(missing[:5])}); evaluation needs a label for every slide")
 
 
-def predictions_csv(slide_ids: Sequence[str], probs: np.ndarray, labels: Sequence[int] | None = None) -> str:
-    """CSV text ``slide_id[,label],prob_0,...,prob_{C-1},pred`` (pred = argmax class index)."""
+def column_names(class_names: Sequence[str] | None, n_classes: int) -> list[str]:
+    """The class names the CSVs use (``"0".."C-1"`` when a checkpoint stores none); one per class or an error."""
+    names = [str(c) for c in class_names] if class_names else [str(c) for c in range(n_classes)]
+    if len(names) != n_classes:
+        raise MMILInputError(f"{len(names)} class names for {n_classes} classes of probabilities; the checkpoint is corrupt")
+    return names
+
+
+def predictions_csv(slide_ids: Sequence[str], probs: np.ndarray, labels: Sequence[int] | None = None, *,
+                    class_names: Sequence[str] | None = None, case_ids: Sequence[str] | None = None) -> str:
+    """CSV text ``slide_id[,case_id][,label],prob_<class>...,pred_label``: ``label`` and ``pred_label``
+    (the class of the largest probability) are class names, as in ``prob_<class>``."""
     probs = np.asarray(probs)
+    names = column_names(class_names, probs.shape[1])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    head = ["slide_id"] + (["label"] if labels is not None else []) + [f"prob_{c}" for c in range(probs.shape[1])] + ["pred"]
-    w.writerow(head)
+    w.writerow(["slide_id"] + (["case_id"] if case_ids is not None else []) + (["label"] if labels is not None else [])
+               + [f"prob_{n}" for n in names] + ["pred_label"])
     for i, sid in enumerate(slide_ids):
-        row = [sid] + ([int(labels[i])] if labels is not None else []) + [f"{v:.6f}" for v in probs[i]] + [int(probs[i].argmax())]
-        w.writerow(row)
+        row = [sid] + ([case_ids[i]] if case_ids is not None else []) + ([names[int(labels[i])]] if labels is not None else [])
+        w.writerow(row + [f"{v:.6f}" for v in probs[i]] + [names[int(probs[i].argmax())]])
     return buf.getvalue()
+
+
+def patient_predictions_csv(case_ids: Sequence[str], probs: np.ndarray, labels: Sequence[int] | None = None, *,
+                            class_names: Sequence[str] | None = None) -> str:
+    """CSV text ``case_id,n_slides[,label],prob_<class>...,pred_label``, one row per patient (in order of first
+    appearance): ``prob_c(patient) = mean of prob_c over the patient's slides``; ``label`` is that of its first slide."""
+    from .calibrate_run import by_patient
+
+    probs = np.asarray(probs, dtype=np.float64)
+    names = column_names(class_names, probs.shape[1])
+    order, p_probs, p_labels = by_patient(probs, list(case_ids), None if labels is None else np.asarray(labels))
+    counts = {c: 0 for c in order}
+    for c in case_ids:
+        counts[c] += 1
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_id", "n_slides"] + (["label"] if p_labels is not None else []) + [f"prob_{n}" for n in names] + ["pred_label"])
+    for i, case in enumerate(order):
+        label = [names[int(p_labels[i])]] if p_labels is not None else []
+        w.writerow([case, counts[case], *label, *(f"{v:.6f}" for v in p_probs[i]), names[int(p_probs[i].argmax())]])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------- slides the checkpoint saw
+def seen_overlap(seen: dict[str, Sequence[str]], slide_ids: Sequence[str]) -> dict[str, list[str]]:
+    """For each role (``train``, ``val``), the slides of ``slide_ids`` (in their order) the checkpoint saw in it."""
+    sets = {role: set(ids) for role, ids in seen.items()}
+    return {role: [s for s in slide_ids if s in ids] for role, ids in sets.items()}
+
+
+def seen_slides_line(checkpoint_dir: str | Path, overlap: dict[str, list[str]], n_total: int, show: int = 3) -> str:
+    """One line: how many of the ``n_total`` slides asked for the checkpoint trained (or selected its epoch) on, a few ids each."""
+    roles = {"train": "training", "val": "validation"}
+    parts = [f"{len(ids)} {roles.get(role, role)} ({', '.join(ids[:show])}{', ...' if len(ids) > show else ''})"
+             for role, ids in overlap.items() if ids]
+    n_seen = len({s for ids in overlap.values() for s in ids})
+    return (f"{n_seen} of {n_total} slides were seen in training by {checkpoint_dir}: {'; '.join(parts)}; their scores are optimistic")
+
+
+def check_seen_slides(checkpoint_dir: str | Path, slide_ids: Sequence[str], *, refuse: bool = False) -> str | None:
+    """The warning line when ``slide_ids`` include slides the checkpoint was trained or validated on (``None`` when
+    none are, or when the checkpoint records no slides); with ``refuse``, :class:`MMILInputError` instead."""
+    from .checkpoint import read_seen_slides
+
+    seen = read_seen_slides(checkpoint_dir)
+    overlap = seen_overlap(seen, slide_ids) if seen else {}
+    if not any(overlap.values()):
+        return None
+    line = seen_slides_line(checkpoint_dir, overlap, len(slide_ids))
+    if refuse:
+        raise MMILInputError(f"{line} (--refuse-training-slides); score held-out slides only, e.g. `mmil heatmap --from-cv RUN` "
+                             "or the fold's test slides in RUN/fold_k/predictions.csv")
+    return f"{line}; score held-out slides (the fold's test slides, `mmil heatmap --from-cv RUN`) or pass --refuse-training-slides to stop"
