@@ -12,8 +12,9 @@ level-0 (x, y) of each patch's top-left corner, row-major order. Its attributes
   ``patch_size_level0`` (level-0 pixels per patch side), ``step_level0``,
   ``target_magnification``, ``level0_magnification``, ``mpp`` (level 0), ``overlap``.
 
-Beside it ``<out>/thumbnails/<slide_id>.png`` (tissue outlines in green, kept
-patches in blue) and, for the run, ``<out>/summary.csv`` and ``<out>/tiling_config.json``.
+Beside it ``<out>/thumbnails/<slide_id>.png`` (kept tissue regions outlined in green,
+regions dropped by the area threshold in orange, kept patches in blue, with a legend)
+and, for the run, ``<out>/summary.csv`` and ``<out>/tiling_config.json``.
 """
 from __future__ import annotations
 
@@ -149,24 +150,52 @@ def write_coords_h5(path: Path, coords: np.ndarray, attrs: dict) -> None:
                 f.attrs[k] = attrs[k]
 
 
+KEPT_COLOUR, DROPPED_COLOUR, PATCH_COLOUR = (0, 160, 0), (255, 140, 0), (30, 60, 220)
+
+
+def _thumb_outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Two-pixel outline of ``mask`` resized (nearest) to the thumbnail ``size`` (w, h)."""
+    from PIL import Image  # noqa: PLC0415
+
+    # Drawn at thumbnail resolution so its width does not depend on the mask's scale.
+    m = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+    return ndimage.binary_dilation(mask_outline(m))  # two pixels wide: visible on tissue
+
+
+def _draw_legend(img) -> None:
+    """A small white box in the top-left corner naming the three colours."""
+    from PIL import ImageDraw  # noqa: PLC0415
+
+    draw = ImageDraw.Draw(img)
+    entries = (("kept tissue", KEPT_COLOUR), ("dropped region (area)", DROPPED_COLOUR), ("patch", PATCH_COLOUR))
+    line = 12
+    width = min(img.size[0], 150)
+    draw.rectangle([0, 0, width - 1, line * len(entries) + 3], fill=(255, 255, 255), outline=(90, 90, 90))
+    for i, (text, colour) in enumerate(entries):
+        y = 2 + i * line
+        draw.rectangle([3, y + 2, 11, y + 9], outline=colour, width=2)
+        draw.text((15, y), text, fill=(0, 0, 0))
+
+
 def draw_thumbnail(rgb: np.ndarray, scale: tuple[float, float], tissue: TissueMask, coords: np.ndarray, size0: int):
-    """Thumbnail with the tissue outline (green) and each kept patch (blue square).
+    """Thumbnail with outlines of kept tissue (green) and dropped regions (orange), each kept patch (blue square) and a legend.
 
     ``scale`` is level-0 pixels per thumbnail pixel along x and y. Returns a PIL image.
     """
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
     img = Image.fromarray(rgb).convert("RGB")
-    # Outline drawn at thumbnail resolution so its width does not depend on the mask's scale.
-    mask_thumb = np.asarray(Image.fromarray(tissue.mask.astype(np.uint8) * 255).resize(img.size, Image.NEAREST)) > 0
-    outline = ndimage.binary_dilation(mask_outline(mask_thumb))  # two pixels wide: visible on tissue
-    outline_img = Image.fromarray(outline.astype(np.uint8) * 255)
-    green = Image.new("RGB", img.size, (0, 160, 0))
-    img.paste(green, mask=outline_img)
+    outlines = [(tissue.mask, KEPT_COLOUR)]
+    if tissue.dropped is not None and tissue.dropped.any():
+        outlines.append((tissue.dropped, DROPPED_COLOUR))
+    for mask, colour in outlines:
+        img.paste(Image.new("RGB", img.size, colour), mask=Image.fromarray(_thumb_outline(mask, img.size).astype(np.uint8) * 255))
     draw = ImageDraw.Draw(img)
     sx, sy = scale
     for x, y in np.asarray(coords):
-        draw.rectangle([x / sx, y / sy, (x + size0) / sx - 1, (y + size0) / sy - 1], outline=(30, 60, 220))
+        draw.rectangle([x / sx, y / sy, (x + size0) / sx - 1, (y + size0) / sy - 1], outline=PATCH_COLOUR)
+    if min(img.size) >= 64:
+        _draw_legend(img)
     return img
 
 
@@ -197,7 +226,7 @@ def tile_slide(path: str | Path, slide_id: str, out_dir: str | Path, cfg: Tiling
             tmp.write_bytes(buf.getvalue())
         if coords.shape[0] == 0:
             h5_path.unlink(missing_ok=True)  # a stale file from an earlier run would say otherwise
-            return TileResult(slide_id, str(path), 0, time.perf_counter() - t0, "empty", "no patch passes the tissue threshold; check the thumbnail or lower --min-tissue-area/--min-tissue-fraction")
+            return TileResult(slide_id, str(path), 0, time.perf_counter() - t0, "empty", "no patch passes the tissue threshold; check the thumbnail (orange: regions dropped by the area threshold) or lower --min-tissue-area-rel/--min-tissue-area/--min-tissue-fraction")
         attrs = coords_attributes(slide_id, geometry, slide.level_dimensions, mpp)
         write_coords_h5(h5_path, coords, attrs)
     finally:

@@ -10,21 +10,30 @@ scipy.ndimage only:
    tissue; or the fixed ``sthresh`` (CLAM default 8) with ``use_otsu=False``.
 4. Morphological closing with a ``close_size`` square (CLAM ``close`` = 4).
 5. Connected regions (8-connected, like contours). For each region its holes
-   (background enclosed by it) larger than ``min_hole_area`` stay excluded, at most
+   (background enclosed by it) larger than the hole threshold stay excluded, at most
    ``max_holes`` of them, the largest first; smaller holes count as tissue. A region
-   is kept when its area minus its excluded holes exceeds ``min_tissue_area``.
+   is kept when its area minus its excluded holes exceeds the region threshold.
 
-Areas are in *reference patches*: squares of ``ref_patch_um`` = 128 um per side,
-i.e. CLAM's 512-px reference patch at 40x (0.25 um/px) and one 256-px patch at 20x.
-So CLAM's defaults ``a_t = 100`` and ``a_h = 16`` mean the same physical areas here
-(about 1.6 mm^2 and 0.26 mm^2) whatever the scanner's resolution.
+The thresholds are relative to the specimen, with absolute floors (``A_max`` = tissue
+area of the largest connected region):
+
+* region threshold ``t_region = max(min_tissue_area, min_tissue_area_rel * A_max)``;
+* hole threshold ``t_hole = max(min_hole_area, min_hole_area_rel * A_max)``.
+
+Areas are in *reference patches*: squares of ``ref_patch_um`` = 128 um per side
+(0.016384 mm^2), i.e. CLAM's 512-px reference patch at 40x (0.25 um/px) and one 256-px
+patch at 20x. The defaults (floor 1 reference patch, 1% of the largest region; holes:
+floor 0.1, 0.2%) keep a needle biopsy or a 0.5 mm^2 specimen, drop dust, and on a
+200 mm^2 resection give thresholds near CLAM's. CLAM's absolute rule is
+``min_tissue_area=100, min_hole_area=16`` (about 1.6 mm^2 and 0.26 mm^2) with both
+``*_rel = 0``: the same physical areas whatever the scanner's resolution.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from mmpl.cliargs import Range, non_negative_float, non_negative_int, positive_float, positive_int
+from mmpl.cliargs import Range, fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from mmpl.config import check_fields, option
 from scipy import ndimage
 
@@ -35,7 +44,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 @dataclass
 class TissueParams:
-    """Tissue segmentation options (CLAM defaults; areas in 128-um reference patches); the flags of ``mmil tile``."""
+    """Tissue segmentation options (CLAM's recipe, area thresholds relative to the specimen; areas in 128-um reference patches); the flags of ``mmil tile``."""
 
     seg_downsample: float = option(32.0, help="segment on the best level at or below this downsample (coarser if the image would exceed max_seg_pixels)",
                                    type=Range(float, 1), metavar="D")
@@ -44,9 +53,14 @@ class TissueParams:
     sthresh: int = option(8, help="saturation threshold 0..255 without Otsu, and the floor of Otsu's threshold", type=Range(int, 0, 255), metavar="S")
     median_size: int = option(7, help="median filter size in segmentation pixels", type=positive_int, metavar="N")
     close_size: int = option(4, help="morphological closing square size in segmentation pixels", type=non_negative_int, metavar="N")
-    min_tissue_area: float = option(100.0, help="drop tissue regions smaller than this many 128-um reference patches (100: about 1.6 mm^2)",
-                                    type=non_negative_float, metavar="AREA")
-    min_hole_area: float = option(16.0, help="holes larger than this many reference patches stay excluded", type=non_negative_float, metavar="AREA")
+    min_tissue_area: float = option(1.0, help="absolute floor of the region threshold, in 128-um reference patches (1: 0.016 mm^2, one 256-px patch at 20x; "
+                                    "CLAM: 100, about 1.6 mm^2, with --min-tissue-area-rel 0)", type=non_negative_float, metavar="AREA")
+    min_tissue_area_rel: float = option(0.01, help="drop regions smaller than max(--min-tissue-area, this fraction of the largest region's tissue area)",
+                                        type=fraction, metavar="FRACTION")
+    min_hole_area: float = option(0.1, help="absolute floor of the hole threshold, in reference patches (CLAM: 16, about 0.26 mm^2, with --min-hole-area-rel 0)",
+                                  type=non_negative_float, metavar="AREA")
+    min_hole_area_rel: float = option(0.002, help="holes larger than max(--min-hole-area, this fraction of the largest region's tissue area) stay excluded",
+                                      type=fraction, metavar="FRACTION")
     max_holes: int = option(8, help="at most this many holes (the largest) are excluded per region", type=non_negative_int, metavar="N")
     ref_patch_um: float = option(128.0, help="side of the reference patch areas are counted in (um)", type=positive_float, cli=False)
 
@@ -60,11 +74,13 @@ class TissueMask:
     """A boolean tissue mask and its placement on level 0.
 
     ``mask[r, c]`` covers level-0 pixels ``[c*sx, (c+1)*sx) x [r*sy, (r+1)*sy)``.
+    ``dropped`` (same grid) holds the regions the area threshold removed, for the thumbnail.
     """
 
     mask: np.ndarray
     scale: tuple[float, float]
     threshold: float
+    dropped: np.ndarray | None = None
 
     def tissue_fraction(self, x0: np.ndarray, y0: np.ndarray, size0: float) -> np.ndarray:
         """Fraction of tissue in level-0 squares ``[x0, x0+size0) x [y0, y0+size0)`` (see :func:`box_fractions`)."""
@@ -165,16 +181,29 @@ def _closing(mask: np.ndarray, size: int) -> np.ndarray:
     return closed[pad:-pad, pad:-pad]
 
 
-def filter_regions(mask: np.ndarray, min_area: float, min_hole_area: float, max_holes: int) -> np.ndarray:
-    """Keep 8-connected regions with enough tissue; exclude their large holes.
+def area_threshold(floor: float, rel: float, largest_area: float) -> float:
+    """Threshold relative to the specimen with an absolute floor: ``t = max(floor, rel * A_max)``."""
+    return max(float(floor), float(rel) * float(largest_area))
 
-    For a region R with holes H_1..H_m (enclosed background, largest first), the
-    excluded holes are the first ``max_holes`` with ``area > min_hole_area``; R is kept
-    when ``area(fill(R)) - sum(area(excluded)) > min_area``, and contributes
-    ``fill(R)`` minus its excluded holes. Areas in mask pixels.
+
+def select_regions(mask: np.ndarray, min_area: float, min_hole_area: float, max_holes: int,
+                   min_area_rel: float = 0.0, min_hole_area_rel: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Split 8-connected regions into kept tissue and dropped regions; exclude large holes.
+
+    With ``A_max`` = pixel count of the largest region, ``t_region = max(min_area,
+    min_area_rel * A_max)`` and ``t_hole = max(min_hole_area, min_hole_area_rel * A_max)``:
+    for a region R with holes H_1..H_m (enclosed background, largest first), the
+    excluded holes are the first ``max_holes`` with ``area > t_hole``; R is kept when
+    ``area(fill(R)) - sum(area(excluded)) > t_region`` and contributes ``fill(R)``
+    minus its excluded holes, else its pixels go to ``dropped``. Areas in mask pixels.
+    Returns ``(kept, dropped)`` boolean masks.
     """
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    out = np.zeros(mask.shape, dtype=bool)
+    kept = np.zeros(mask.shape, dtype=bool)
+    dropped = np.zeros(mask.shape, dtype=bool)
+    largest = float(np.bincount(labels.ravel())[1:].max()) if n else 0.0
+    t_region = area_threshold(min_area, min_area_rel, largest)
+    t_hole = area_threshold(min_hole_area, min_hole_area_rel, largest)
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
@@ -186,18 +215,26 @@ def filter_regions(mask: np.ndarray, min_area: float, min_hole_area: float, max_
             hole_labels, n_holes = ndimage.label(holes)
             areas = np.bincount(hole_labels.ravel(), minlength=n_holes + 1)[1:]
             order = np.argsort(-areas, kind="stable")
-            big = [h + 1 for h in order if areas[h] > min_hole_area][:max_holes]
+            big = [h + 1 for h in order if areas[h] > t_hole][:max_holes]
             if big:
                 keep &= ~np.isin(hole_labels, big)
-        if keep.sum() > min_area:
-            out[box] |= keep
-    return out
+        if keep.sum() > t_region:
+            kept[box] |= keep
+        else:
+            dropped[box] |= region
+    return kept, dropped
 
 
-def segment_tissue_image(rgb: np.ndarray, params: TissueParams, pixel_area_um2: float) -> tuple[np.ndarray, float]:
+def filter_regions(mask: np.ndarray, min_area: float, min_hole_area: float, max_holes: int) -> np.ndarray:
+    """The kept mask of :func:`select_regions` with absolute thresholds only (CLAM's rule)."""
+    return select_regions(mask, min_area, min_hole_area, max_holes)[0]
+
+
+def segment_tissue_image(rgb: np.ndarray, params: TissueParams, pixel_area_um2: float) -> tuple[np.ndarray, float, np.ndarray]:
     """Tissue mask of an RGB image whose pixels each cover ``pixel_area_um2`` square microns.
 
-    Returns ``(mask, threshold)``; see the module docstring for the steps.
+    Returns ``(mask, threshold, dropped)``, ``dropped`` being the regions below the area
+    threshold; see the module docstring for the steps.
     """
     params.validate()
     sat = rgb_saturation(rgb)
@@ -207,8 +244,9 @@ def segment_tissue_image(rgb: np.ndarray, params: TissueParams, pixel_area_um2: 
     mask = sat > threshold
     mask = _closing(mask, params.close_size)
     ref_area_px = params.ref_patch_um**2 / pixel_area_um2
-    mask = filter_regions(mask, params.min_tissue_area * ref_area_px, params.min_hole_area * ref_area_px, params.max_holes)
-    return mask, threshold
+    kept, dropped = select_regions(mask, params.min_tissue_area * ref_area_px, params.min_hole_area * ref_area_px, params.max_holes,
+                                   params.min_tissue_area_rel, params.min_hole_area_rel)
+    return kept, threshold, dropped
 
 
 def segment_slide(slide, params: TissueParams, mpp: float) -> TissueMask:
@@ -228,8 +266,8 @@ def segment_slide(slide, params: TissueParams, mpp: float) -> TissueMask:
     else:
         ds = float(np.sqrt(w0 * h0 / params.max_seg_pixels))
         rgb, scale = read_downsampled(slide, max(ds, params.seg_downsample))
-    mask, thr = segment_tissue_image(rgb, params, pixel_area_um2=mpp * mpp * scale[0] * scale[1])
-    return TissueMask(mask, (float(scale[0]), float(scale[1])), thr)
+    mask, thr, dropped = segment_tissue_image(rgb, params, pixel_area_um2=mpp * mpp * scale[0] * scale[1])
+    return TissueMask(mask, (float(scale[0]), float(scale[1])), thr, dropped)
 
 
 def mask_outline(mask: np.ndarray) -> np.ndarray:
