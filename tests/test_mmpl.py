@@ -27,6 +27,7 @@ from mmpl.config import (
     option,
     read_yaml_mapping,
 )
+import mmpl.device
 from mmpl.device import resolve_device
 from mmpl.errors import InputError
 from mmpl.fsio import OutputPathError, atomic_path, check_output_dir, check_output_file
@@ -302,6 +303,7 @@ def test_json_nan_is_null_and_back(tmp_path):
 
 def test_resolve_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mmpl.device, "_mps_available", lambda: False)
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     for bad, message in [("cuda", "--device cuda: CUDA is not available on this machine; use --device cpu"),
@@ -312,6 +314,17 @@ def test_resolve_device(monkeypatch):
         assert message in str(err.value)
     with pytest.raises(WingError, match=r"^train\.device cuda:"):
         resolve_device("cuda", "train.device", error=WingError)
+    with pytest.raises(WingError, match=r"^--device mps: no Apple GPU"):
+        resolve_device("mps", error=WingError)
+
+
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(mmpl.device, "_mps_available", lambda: True)
+    assert resolve_device("auto") == torch.device("mps") and resolve_device("mps") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", env={}) == torch.device("cuda")
+    assert resolve_device("auto", env={"LOCAL_RANK": "1"}) == torch.device("cuda:1")
 
 
 def test_progress_is_the_iterable_itself_off_a_terminal():

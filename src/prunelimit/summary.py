@@ -89,7 +89,8 @@ def summary_lines(report: dict) -> list[str]:
         f"dense test accuracy {report['test_accuracy_dense']:.4f}",
         f"predicted threshold p* = {report['predicted_threshold']:.4f} (keep {report['predicted_kept_fraction']:.2%})",
         f"actual threshold       = {report['actual_threshold']:.4f} (keep {report['actual_kept_fraction']:.2%}; "
-        f"released criterion {report['actual_threshold_released_criterion']:.4f})",
+        f"released criterion {report['actual_threshold_released_criterion']:.4f}: the authors' rule, the largest ratio still "
+        "strictly above dense accuracy)",
         f"difference predicted - actual = {report['difference_predicted_minus_actual']:+.4f}",
         *_meaning_lines(report),
         f"eps = {report['epsilon']:.4g} (p* at eps/2: {report['sensitivity']['p_star_eps_half']:.4f}, at 2 eps: "
