@@ -21,6 +21,7 @@ The settings are :class:`mmil.bench_config.BenchConfig`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ from .bench_stats import kept_epochs, model_statistics, stats_csv_text, stats_ma
 from .errors import MMILInputError
 from .evaluate import resolve_device
 from .models import create_model
+from .parallel import run_tasks
 from .rng import private_rng
 
 
@@ -133,6 +135,28 @@ def bench_cost(name: str, cfg: BenchConfig, in_dim: int, n_classes: int, out_dir
 
 
 
+def _train_fold_task(dataset, name: str, kwargs: dict[str, Any], train, run_dir: Path, cfg: BenchConfig, fold: int, callback=None) -> None:
+    """One (model, fold) of ``--workers K``: :func:`mmil.crossval.cross_validate` of that fold alone."""
+    from .crossval import cross_validate
+
+    cross_validate(dataset, name, kwargs, train, run_dir, folds=cfg.folds, repeats=cfg.repeats, seed=cfg.seed,
+                   use_splits=cfg.use_splits, validate_data=False, only_folds=[fold])
+
+
+def train_in_workers(dataset, cfg: BenchConfig, out_dir: Path, data_fp: dict[str, Any], log: Callable[[str], None]) -> None:
+    """``--workers K``: every fold of every unfinished model trained in ``K`` processes (:mod:`mmil.parallel`),
+    longest-first in table order; the sequential pass of :func:`run_bench` then reads them back, evaluates
+    and measures cost alone (timings are not taken while other folds train)."""
+    from .crossval import _plan
+
+    todo = [m for m in cfg.models if _read_state(out_dir / "runs" / m / "bench.json", model_fingerprint(m, cfg, data_fp)) is None]
+    folds = [fs.fold for fs in _plan(dataset, cfg.train, cfg.folds, cfg.seed, cfg.use_splits)]
+    train = dataclasses.replace(cfg.train, workers=1, progress=False)
+    tasks = [(dataset, m, cfg.model_kwargs.get(m, {}), train, out_dir / "runs" / m, cfg, k) for m in todo for k in folds]
+    log(f"training {len(todo)} model(s) x {len(folds)} fold(s) in {cfg.train.workers} worker processes")
+    run_tasks(_train_fold_task, tasks, cfg.train.workers, labels=[f"{t[1]} fold {t[-1]}" for t in tasks])
+
+
 # ----------------------------------------------------------------------------- the bench
 @dataclass
 class BenchResult:
@@ -183,6 +207,8 @@ def run_bench(dataset, cfg: BenchConfig, out_dir: str | Path, *, progress: bool 
     benches, cost = [], []
     bar = progress_bar(progress, len(cfg.models), "bench")
     try:
+        if cfg.train.workers > 1:
+            train_in_workers(dataset, cfg, out_dir, data_fp, log)
         for name in cfg.models:
             if bar is not None:
                 bar.set_postfix_str(name)

@@ -39,7 +39,7 @@ RUNS = "runs"
 #: Files in ``runs/<model>/``: the bench's own state and the cross-validation's files (besides ``fold_*/``).
 MODEL_FILES = ("bench.json", "cost.json", "config.yaml", "config.json", "folds.json", "metrics.json", "roc.png", "reliability.png")
 #: Training options that do not change results (never compared).
-RUNTIME_TRAIN_KEYS = ("progress", "num_workers")
+RUNTIME_TRAIN_KEYS = ("progress", "num_workers", "workers", "log_every", "tensorboard")
 HINT = "rerun with the stored settings, choose a fresh --out directory, or pass --overwrite to start it afresh"
 
 

@@ -151,9 +151,10 @@ def conformal_thresholds(calib: dict[str, Any], temperature: float, alpha: float
     return conformal_threshold(probs, y, alpha, mondrian=mondrian)
 
 
-def set_labels(sets: np.ndarray) -> list[str]:
-    """``"0|1"``-style text of each prediction set (class indices; empty set -> ``""``)."""
-    return ["|".join(str(k) for k in np.flatnonzero(row)) for row in np.asarray(sets, dtype=bool)]
+def set_labels(sets: np.ndarray, class_names: Sequence[str] | None = None) -> list[str]:
+    """``"normal|tumor"``-style text of each prediction set (class names, indices without them; empty set -> ``""``)."""
+    names = [str(c) for c in class_names] if class_names else None
+    return ["|".join(names[k] if names else str(k) for k in np.flatnonzero(row)) for row in np.asarray(sets, dtype=bool)]
 
 
 def conformal_report(calib: dict[str, Any], temperature: float, probs: np.ndarray, y: np.ndarray, alpha: float, *,
@@ -234,10 +235,12 @@ def plot_run_reliability(outcomes, path: str | Path, *, title: str) -> None:
 # ----------------------------------------------------------------------------- predict / evaluate output
 def predictions_table(cfg: dict[str, Any], checkpoint_dir: str | Path, slide_ids: Sequence[str], probs_r: np.ndarray, *,
                       use_temperature: bool = True, alpha: float | None = None, mondrian: bool = False) -> str:
-    """CSV text ``slide_id,prob_0..,pred,repeat_std[,set,abstain]``: calibrated probabilities (softmax(log(mean_r p_r) / T)),
+    """CSV text ``slide_id,prob_<class>..,pred_label,repeat_std[,set,abstain]``: calibrated probabilities (softmax(log(mean_r p_r) / T)),
     the spread over repeats of the predicted class's probability, and with ``alpha`` the conformal set and whether it abstains."""
     import csv
     import io
+
+    from .evaluate import column_names
 
     temperature = temperature_of(cfg, use_temperature)
     probs, spread = calibrated_probs(probs_r, temperature), repeat_spread(probs_r)
@@ -247,11 +250,12 @@ def predictions_table(cfg: dict[str, Any], checkpoint_dir: str | Path, slide_ids
         sets = prediction_sets(probs, conformal_thresholds(calib, temperature, alpha, mondrian=mondrian))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["slide_id", *(f"prob_{c}" for c in range(probs.shape[1])), "pred", "repeat_std", *(("set", "abstain") if sets is not None else ())])
-    texts = set_labels(sets) if sets is not None else None
+    names = column_names(cfg.get("extra", {}).get("class_names"), probs.shape[1])
+    w.writerow(["slide_id", *(f"prob_{c}" for c in names), "pred_label", "repeat_std", *(("set", "abstain") if sets is not None else ())])
+    texts = set_labels(sets, names) if sets is not None else None
     for i, sid in enumerate(slide_ids):
         extra = [texts[i], int(sets[i].sum() != 1)] if sets is not None else []
-        w.writerow([sid, *(f"{v:.6f}" for v in probs[i]), int(probs[i].argmax()), f"{spread[i]:.6f}", *extra])
+        w.writerow([sid, *(f"{v:.6f}" for v in probs[i]), names[int(probs[i].argmax())], f"{spread[i]:.6f}", *extra])
     return buf.getvalue()
 
 

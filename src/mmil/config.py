@@ -25,11 +25,10 @@ from mmpl.device import DEVICE_HELP
 from mmpl.jsonio import write_json, write_text
 
 from .errors import MMILInputError
+from .precision import PRECISIONS
 from .recipe import SCHEDULES, SELECTIONS
 
 __all__ = ["PRECISIONS", "ExperimentConfig", "TrainConfig"]
-
-PRECISIONS = ("fp32", "bf16")
 
 
 class RegisteredModels:
@@ -62,7 +61,7 @@ class TrainConfig(ConfigFile):
         seed: seeds the initial weights, the bag order and every stochastic
             forward pass (each a function of ``(seed, epoch, step)``).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast for forward and loss).
+        precision: ``"auto"`` (:func:`mmil.precision.resolve_precision`), ``"fp32"`` or ``"bf16"`` (autocast for forward and loss).
         eval_repeats: stochastic passes averaged for the validation loss.
         val_fraction: share of each training part held out for early stopping
             when the data has no validation split.
@@ -76,7 +75,9 @@ class TrainConfig(ConfigFile):
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         num_workers: DataLoader workers reading bags in the background.
+        workers: folds (bench: folds x models) run in this many processes (:mod:`mmil.parallel`); does not change results.
         progress: show progress bars (only on a terminal).
+        log_every, tensorboard: per-epoch lines off a terminal, TensorBoard scalars (:mod:`mmil.train_log`).
     """
 
     config_error = MMILInputError  # what from_dict / from_yaml raise
@@ -90,7 +91,8 @@ class TrainConfig(ConfigFile):
     class_weights: bool = option(False, help="weight the loss by inverse class frequency")
     seed: int = option(0, help="seed of the initial weights, the bag order and the stochastic passes", type=non_negative_int)
     device: str = option("cpu", help=DEVICE_HELP)
-    precision: str = option("fp32", help="fp32, or bf16 autocast for training and evaluation", choices=PRECISIONS)
+    precision: str = option("auto", help="auto (bf16 only where the hardware has native bf16 matmul: CUDA, AMX, AVX512-BF16; else fp32), fp32, "
+                                         "or bf16 autocast for training and evaluation", choices=PRECISIONS)
     eval_repeats: int = option(1, help="stochastic passes averaged for the validation loss", type=positive_int, cli=False)
     val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
                                  type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
@@ -110,7 +112,13 @@ class TrainConfig(ConfigFile):
     feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
                                   type=non_negative_float, cli=False)
     num_workers: int = option(0, help="background workers reading bags", type=non_negative_int, metavar="N")
+    workers: int = option(1, help="folds (and bench models) trained in K processes, the CPU threads split between them; under torchrun: "
+                                  "K > 1 spreads the folds over the ranks, 1 trains each fold data-parallel on all ranks (mmil.ddp)",
+                          type=positive_int, metavar="K")
     progress: bool = option(True, help="show progress bars (on a terminal)")
+    log_every: int = option(1, help="off a terminal (a batch job's log), print one line every N epochs and at the last (0: none; "
+                            "history.csv is written every epoch either way)", type=non_negative_int, metavar="N")
+    tensorboard: bool = option(False, help="also write TensorBoard scalars to fold_k/tensorboard/ (needs the tensorboard package)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -118,6 +126,10 @@ class TrainConfig(ConfigFile):
     def check(self) -> None:
         """Coerce the fields to their types; raise :class:`MMILInputError` for values out of range."""
         check_fields(self, error=MMILInputError)
+        if self.tensorboard:
+            from .train_log import require_tensorboard
+
+            require_tensorboard("tensorboard (--tensorboard)")
         if self.precision not in PRECISIONS:
             raise MMILInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.selection not in SELECTIONS:
@@ -141,6 +153,9 @@ class ExperimentConfig(ConfigFile):
             repeat r uses seed ``seed + r``.
         seed: seeds fold assignment and test-time evaluation.
         use_splits: use the split/fold columns of the label CSV when present.
+        splits_dir: folder of CLAM split files ``splits_0.csv ... splits_{k-1}.csv``
+            (columns ``train,val,test``); when given, they define the folds
+            (:func:`mmil.data.layouts.read_clam_split_dir`).
         features, labels: the data the run used (recorded for reproduction).
     """
 
@@ -154,6 +169,9 @@ class ExperimentConfig(ConfigFile):
                           type=positive_int, metavar="R")
     seed: int = option(0, help="seed of folds, training and evaluation", type=non_negative_int)
     use_splits: bool = option(True, help="use the split or fold column of the label CSV when present", cli=False)
+    splits_dir: str | None = option(None, metavar="DIR",
+                                    help="folder of CLAM split files splits_0.csv ... splits_{k-1}.csv (columns train,val,test): fold k trains on "
+                                    "train, stops early on val and tests on test (instead of --folds and the label CSV's split/fold column)")
     features: str | None = None
     labels: str | None = None
 

@@ -5,7 +5,8 @@ Output directory layout::
     DIR/config.yaml, config.json     the experiment (reproduce the run from it)
     DIR/folds.json                   slide ids of train/val/test per fold
     DIR/fold_k/checkpoint/           best model of fold k (safetensors + JSON)
-    DIR/fold_k/predictions.csv       slide_id,label,prob_0..,pred (mean over repeats)
+    DIR/fold_k/predictions.csv       slide_id[,case_id],label,prob_<class>..,pred_label (mean over repeats)
+    DIR/fold_k/patient_predictions.csv  with case ids: case_id,n_slides,label,prob_<class>..,pred_label (patient mean)
     DIR/fold_k/result.json           fold metrics; its presence marks the fold done
     DIR/metrics.json                 summary: means over folds, *_std, folds list
     DIR/roc.png                      ROC curves
@@ -15,6 +16,7 @@ from its last saved epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,10 @@ from .config import ExperimentConfig, TrainConfig
 from .data.dataset import BagDataset
 from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
 from .errors import MMILInputError
-from .evaluate import METRIC_NAMES, mean_std, predict_probs, predictions_csv, repeated_metrics, resolve_device
+from .evaluate import METRIC_NAMES, mean_std, patient_predictions_csv, predict_probs, predictions_csv, repeated_metrics, resolve_device
 from .plots import plot_roc
+from . import ddp
+from .parallel import run_folds
 from .rng import private_rng
 from .train import LAST_STATE_NAME, train_fold
 
@@ -135,7 +139,7 @@ def _fold_plan_json(plan: list[FoldSplit], slide_ids: list[str]) -> list[dict[st
 
 #: Options that may differ when a run directory is reused (they do not change results).
 #: ``epochs`` is not among them: finished folds would mix two schedules.
-RUNTIME_OPTIONS = ("progress", "device", "num_workers")
+RUNTIME_OPTIONS = ("progress", "device", "num_workers", "workers", "log_every", "tensorboard")
 #: Files a run writes at its top level (``--overwrite`` removes these and the fold directories only).
 RUN_FILES = ("config.yaml", "config.json", "folds.json", "metrics.json", "roc.png", "reliability.png")
 
@@ -201,8 +205,14 @@ def _check_model(dataset: BagDataset, model_name: str, kwargs: dict[str, Any]) -
         raise MMILInputError(f"{err}; check the model options") from None
 
 
-def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_splits: bool) -> list[FoldSplit]:
+def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_splits: bool, splits_dir: str | Path | None = None) -> list[FoldSplit]:
     """The folds (see :func:`cross_validate`), checked for patient leakage and single-class training parts."""
+    predefined = None
+    if splits_dir is not None:  # CLAM's splits_k.csv: fold k's train/val/test (docs/wsi.md, formats)
+        from .data.layouts import read_clam_split_dir
+        from .data.splits import split_file_indices
+
+        predefined = [split_file_indices(parts, dataset.slide_ids, path) for path, parts in read_clam_split_dir(splits_dir)]
     plan = plan_folds(
         dataset.labels,
         k=folds,
@@ -211,6 +221,7 @@ def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_spli
         groups=dataset.case_ids,
         splits=dataset.splits if use_splits else None,
         fold_ids=dataset.fold_ids if use_splits else None,
+        predefined=predefined,
     )
     if dataset.case_ids is not None:
         for fs in plan:
@@ -221,7 +232,9 @@ def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_spli
     return plan
 
 
-def _split_name(plan: list[FoldSplit], dataset: BagDataset, use_splits: bool) -> str:
+def _split_name(plan: list[FoldSplit], dataset: BagDataset, use_splits: bool, splits_dir: str | Path | None = None) -> str:
+    if splits_dir is not None:
+        return "splits-dir"
     if len(plan) == 1:
         return "fixed"
     if use_splits and dataset.fold_ids is not None:
@@ -229,15 +242,24 @@ def _split_name(plan: list[FoldSplit], dataset: BagDataset, use_splits: bool) ->
     return "stratified-kfold" + ("-patient" if dataset.case_ids is not None else "")
 
 
-def _start_run_directory(out_dir: Path, experiment: ExperimentConfig, plan_json: list[dict[str, Any]], overwrite: bool) -> bool:
-    """Make ``out_dir`` ready (afresh with ``overwrite``) and write the experiment and its folds; returns whether it was created."""
+def _start_run_directory(out_dir: Path, experiment: ExperimentConfig, plan_json: list[dict[str, Any]], overwrite: bool, clean: bool = True) -> bool:
+    """Make ``out_dir`` ready (afresh with ``overwrite``) and write the experiment and its folds; returns whether it was created.
+
+    Under torchrun only rank 0 writes (the others wait for it); ``clean=False`` leaves temporary
+    files alone (other processes may be writing folds of the same run)."""
+    ddp.init_from_env(resolve_device(experiment.train.device))
+    if not ddp.is_writer():
+        ddp.barrier()
+        return False
     created = not out_dir.exists()
     if overwrite:
         clear_run_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
+    if clean:
+        remove_stale_temp_files(out_dir)
     experiment.save(out_dir)
     write_json(out_dir / "folds.json", plan_json)
+    ddp.barrier()
     return created
 
 
@@ -255,6 +277,8 @@ def cross_validate(
     experiment: ExperimentConfig | None = None,
     validate_data: bool = True,
     overwrite: bool = False,
+    splits_dir: str | Path | None = None,
+    only_folds: Sequence[int] | None = None,
 ) -> CrossValResult:
     """Cross-validate ``model_name`` on ``dataset`` and write the run directory.
 
@@ -262,13 +286,16 @@ def cross_validate(
     ``use_splits``; otherwise stratified ``folds``-fold, patient-level when the
     dataset has case ids. Each training part gives up ``cfg.val_fraction`` of its
     bags (stratified, patient-level) as the validation set for early stopping.
+    ``splits_dir`` (CLAM's ``splits_k.csv`` files) defines the folds instead: fold k
+    trains on ``train``, stops early on ``val`` (carved from train when empty) and tests on ``test``.
     ``seed`` fixes the fold assignment and the test-time seeds (repeat r uses
     ``seed + r``); ``cfg.seed`` the training. Before anything is written, every
     bag is read once (``validate_data``) and the model is built once, so bad
     input fails with nothing on disk. A directory holding a started run with
     other settings is refused, naming them, unless ``overwrite`` (which starts it
     afresh); a run that fails before any fold saved progress leaves nothing behind.
-    The caller's global torch RNG is left as it was.
+    The caller's global torch RNG is left as it was. Folds run in ``cfg.workers`` processes (:mod:`mmil.parallel`);
+    ``only_folds`` runs those alone and returns them without a summary (``mmil bench --workers``).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -278,37 +305,60 @@ def cross_validate(
         raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
     kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
     _check_model(dataset, model_name, kwargs)
-    plan = _plan(dataset, cfg, folds, seed, use_splits)
+    plan = _plan(dataset, cfg, folds, seed, use_splits, splits_dir)
     if experiment is None:
-        experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits)
+        experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits,
+                                      splits_dir=None if splits_dir is None else str(splits_dir))
     plan_json = _fold_plan_json(plan, dataset.slide_ids)
     fresh = overwrite or not has_progress(out_dir)
     if not fresh:
         _check_same_run(out_dir, plan_json, experiment)
     if validate_data:
         dataset.validate(progress=cfg.progress)
-    created = _start_run_directory(out_dir, experiment, plan_json, overwrite)
+    created = _start_run_directory(out_dir, experiment, plan_json, overwrite, clean=only_folds is None)
     header = {"model": model_name, "model_kwargs": kwargs, "n_bags": len(dataset), "n_classes": dataset.n_classes,
-              "class_names": dataset.class_names, "repeats": repeats, "seed": seed, "split": _split_name(plan, dataset, use_splits)}
-    try:
-        outcomes = [_run_fold(dataset, fs, model_name, kwargs, cfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
-    except BaseException:
-        if fresh and not has_progress(out_dir):  # nothing worth resuming: leave the directory as it was
-            clear_run_directory(out_dir, remove_dir=created)
-        raise
+              "class_names": dataset.class_names, "repeats": repeats, "seed": seed, "split": _split_name(plan, dataset, use_splits, splits_dir)}
+    outcomes = _run_folds([fs for fs in plan if only_folds is None or fs.fold in only_folds], dataset, model_name, kwargs, cfg,
+                          out_dir, repeats, seed, clear_on_failure=fresh, created=created)
+    if outcomes is None or only_folds is not None:  # a rank that does not write, or a share of the folds
+        return CrossValResult(outcomes or [], {}, out_dir)
+    return CrossValResult(outcomes, _write_summary(outcomes, header, dataset, model_name, out_dir), out_dir)
+
+
+def _write_summary(outcomes: list[FoldOutcome], header: dict[str, Any], dataset: BagDataset, model_name: str, out_dir: Path) -> dict[str, Any]:
+    """``metrics.json``, ``roc.png`` and ``reliability.png`` of the finished folds; returns the summary."""
     summary = to_builtin(summarize(outcomes, header))
     plot_roc([o.y_true for o in outcomes], [o.probs for o in outcomes], out_dir / "roc.png", class_names=dataset.class_names, title=f"{model_name}: ROC, repeat-averaged test probabilities")
     plot_run_reliability(outcomes, out_dir / "reliability.png", title=f"{model_name}: reliability, out-of-fold test slides")
     write_json(out_dir / "metrics.json", summary)
-    return CrossValResult(outcomes, summary, out_dir)
+    return summary
 
 
-def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[str, Any], cfg: TrainConfig, fold_dir: Path, repeats: int, seed: int) -> FoldOutcome:
+def _run_folds(plan: list[FoldSplit], dataset: BagDataset, model_name: str, kwargs: dict[str, Any], cfg: TrainConfig, out_dir: Path,
+               repeats: int, seed: int, *, clear_on_failure: bool, created: bool) -> list[FoldOutcome] | None:
+    """The folds' outcomes, in ``cfg.workers`` processes (``None`` on a torchrun rank that does not write);
+    a failure that left nothing worth resuming removes what the run wrote."""
+    wcfg = dataclasses.replace(cfg, progress=False) if cfg.workers > 1 else cfg  # workers print one line per epoch instead
+    tasks = [(dataset, fs, model_name, kwargs, wcfg, out_dir / f"fold_{fs.fold}", repeats, seed) for fs in plan]
+    try:
+        return run_folds(_run_fold, tasks, cfg.workers, labels=[f"{model_name} fold {fs.fold}" for fs in plan],
+                         pending=[not (out_dir / f"fold_{fs.fold}" / RESULT_NAME).is_file() for fs in plan])
+    except BaseException:
+        if clear_on_failure and not has_progress(out_dir):  # nothing worth resuming: leave the directory as it was
+            clear_run_directory(out_dir, remove_dir=created)
+        raise
+
+
+def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[str, Any], cfg: TrainConfig, fold_dir: Path, repeats: int, seed: int,
+              callback=None) -> FoldOutcome | None:
     test = dataset.subset(fs.test)
     result_path = fold_dir / RESULT_NAME
     if result_path.is_file():
         return _load_outcome(result_path, fold_dir)
-    trained = train_fold(dataset.subset(fs.train), dataset.subset(fs.val), model_name, kwargs, cfg, fold_dir, extra={"fold": fs.fold})
+    trained = train_fold(dataset.subset(fs.train), dataset.subset(fs.val), model_name, kwargs, cfg, fold_dir, extra={"fold": fs.fold},
+                         **({} if callback is None else {"callback": callback}))  # workers' epoch lines
+    if cfg.workers == 1 and not ddp.is_writer():  # data-parallel under torchrun: rank 0 evaluates and writes
+        return None
     from .checkpoint import load_checkpoint
 
     with private_rng():  # building the model draws from the global RNG before the weights are loaded
@@ -326,7 +376,9 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
         fs.fold, metrics, round(trained.train_seconds, 3), test.slide_ids, test.labels, probs, trained.checkpoint_dir,
         len(fs.train), len(fs.val), len(fs.test), trained.best_epoch, trained.epochs_run, trained.stopped_early,
     )
-    write_text(fold_dir / "predictions.csv", predictions_csv(test.slide_ids, probs, test.labels))
+    write_text(fold_dir / "predictions.csv", predictions_csv(test.slide_ids, probs, test.labels, class_names=dataset.class_names, case_ids=test.case_ids))
+    if test.case_ids is not None:  # mean of each patient's slide probabilities
+        write_text(fold_dir / "patient_predictions.csv", patient_predictions_csv(test.case_ids, probs, test.labels, class_names=dataset.class_names))
     record = to_builtin(outcome.summary() | {"metrics": metrics, "slide_ids": test.slide_ids, "y_true": test.labels.tolist(), "probs": probs.tolist(), "probs_repeats": probs_r.tolist()})
     write_json(result_path, record)
     (fold_dir / LAST_STATE_NAME).unlink(missing_ok=True)  # the fold is done; its resume state is dead weight

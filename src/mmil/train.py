@@ -24,6 +24,7 @@ killed or not.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from mmpl.jsonio import write_json
 from mmpl.progress import progress, progress_bar
 from torch import nn
 
+from . import ddp
 from .checkpoint import WEIGHTS_NAME, save_checkpoint
 from .config import TrainConfig
 from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
@@ -44,6 +46,7 @@ from .evaluate import classification_metrics, forward_bag, predict_probs, resolv
 from .models import create_model
 from .recipe import ModelSelector, augment_bag, epoch_criterion, lr_factor
 from .rng import private_rng, seed_global_rng
+from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
     LAST_STATE_NAME,
     RESUMABLE_CHANGES,
@@ -88,6 +91,15 @@ class FoldTrainResult:
 def derived_seed(*parts: int) -> int:
     """A 31-bit seed determined by ``parts`` (NumPy's ``SeedSequence`` hash)."""
     return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0] % (2**31 - 1))
+
+
+def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on torch's fused kernel where it has one for the parameters' device (CPU since torch 2.4, CUDA),
+    else its ``foreach`` path: the same update, 3.5-4.5x faster than the per-tensor loop on a CPU (issue 12)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def class_weight_vector(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -157,12 +169,15 @@ class _FoldTrainer:
             raise MMILInputError(f"{err}; check the model options") from None
         self.full_kwargs = dict(self.model.init_kwargs)
         self.model.to(device)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw([p for p in self.model.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
         val_ids = [] if dataset_val is None else dataset_val.slide_ids
         self.fingerprint = fingerprint(model_name, self.full_kwargs, cfg, dataset_train.slide_ids, val_ids)
         self.monitor = "val_loss" if dataset_val is not None else "train_loss"
         self.state = self._resume_or_start()
         self.extra = extra
+        # Data-parallel under torchrun with --workers 1 (mmil.ddp); with --workers K each rank trains its own folds.
+        self.rank, self.world = ddp.rank_world() if cfg.workers == 1 else (0, 1)
+        self.net = ddp.wrap_model(self.model, device) if self.world > 1 else self.model
 
     def _resume_or_start(self) -> _FoldState:
         """The saved state of an interrupted run (after checking it is this run's), or a fresh one."""
@@ -188,9 +203,9 @@ class _FoldTrainer:
 
     def _set_lr(self, epoch: int, step: int) -> None:
         """The scheduled learning rate of the optimiser step that ``step`` of ``epoch`` belongs to."""
-        cfg = self.cfg
-        per_epoch = math.ceil(len(self.train_set) / cfg.accumulate)
-        factor = lr_factor((epoch - 1) * per_epoch + step // cfg.accumulate, cfg.epochs * per_epoch,
+        cfg, acc = self.cfg, self.cfg.accumulate * self.world  # bags per step, over all ranks (step: position in the global order)
+        per_epoch = math.ceil(-(-len(self.train_set) // self.world) * self.world / acc)
+        factor = lr_factor((epoch - 1) * per_epoch + step // acc, cfg.epochs * per_epoch,
                            round(cfg.warmup_epochs * per_epoch), cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
@@ -202,25 +217,30 @@ class _FoldTrainer:
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the training bags in the epoch's order; returns the epoch's training loss and accuracy."""
-        cfg, model, optimizer, n = self.cfg, self.model, self.optimizer, len(self.train_set)
-        seed_global_rng(derived_seed(cfg.seed, epoch, 1), self.device)  # dropout
-        order = np.random.default_rng(derived_seed(cfg.seed, epoch, 2)).permutation(n)
+        cfg, model, optimizer = self.cfg, self.model, self.optimizer
+        seed_global_rng(derived_seed(cfg.seed, epoch, 1, *([self.rank] if self.rank else [])), self.device)  # dropout
+        order = np.random.default_rng(derived_seed(cfg.seed, epoch, 2)).permutation(len(self.train_set))
+        order, positions = ddp.rank_share(order, self.rank, self.world)  # this rank's bags (all of them without torchrun)
+        n = len(order)
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=None, sampler=order.tolist(), num_workers=cfg.num_workers,
                                              collate_fn=_identity, generator=torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, 5)))
         _skip_loader_draws()
         model.train()
         optimizer.zero_grad(set_to_none=True)
         losses, correct = [], 0
-        for step, bag in enumerate(progress(loader, cfg.progress, f"epoch {epoch}", total=n)):
-            group_start = (step // cfg.accumulate) * cfg.accumulate
+        for i, bag in enumerate(progress(loader, cfg.progress and self.rank == 0, f"epoch {epoch}", total=n)):
+            step = int(positions[i])
+            group_start = (i // cfg.accumulate) * cfg.accumulate
             group_size = min(cfg.accumulate, n - group_start)
+            last = i - group_start + 1 == group_size
             bag = augment_bag(bag, derived_seed(cfg.seed, epoch, 6, step), cfg.instance_dropout, cfg.feature_noise)
-            out = forward_bag(model, bag, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
-            loss = model.loss(out, torch.tensor([bag.label], device=self.device), self.weights)
-            if not torch.isfinite(loss):
-                raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
-            (loss / group_size).backward()
-            if step - group_start + 1 == group_size:
+            with self.net.no_sync() if self.world > 1 and not last else contextlib.nullcontext():  # DDP all-reduces on the group's last bag
+                out = forward_bag(self.net, bag, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
+                loss = model.loss(out, torch.tensor([bag.label], device=self.device), self.weights)
+                if not torch.isfinite(loss):
+                    raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
+                (loss / group_size).backward()
+            if last:
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 self._set_lr(epoch, step)
@@ -228,12 +248,19 @@ class _FoldTrainer:
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             correct += int(out.logits.argmax(-1).item() == bag.label)
+        if self.world > 1:  # the epoch's loss and accuracy over every rank's bags
+            total, correct, n = ddp.sum_over_ranks([float(np.sum(losses)), correct, n], self.device)
+            return {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n}
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": correct / n}
 
     def validate(self) -> dict[str, float]:
-        """Validation loss (of the probabilities averaged over ``eval_repeats`` seeded passes), AUC and accuracy."""
+        """Validation loss (of the probabilities averaged over ``eval_repeats`` seeded passes), AUC and accuracy.
+
+        A model whose forward reads no seed is deterministic in eval mode: one pass, not ``eval_repeats``
+        identical ones (issue 12: repeats are what can make validation dominate an epoch)."""
         cfg, val = self.cfg, self.val_set
-        probs = predict_probs(self.model, val, seed=derived_seed(cfg.seed, 4), repeats=cfg.eval_repeats, device=self.device, precision=cfg.precision).mean(0)
+        repeats = cfg.eval_repeats if "seed" in getattr(self.model, "inputs", ("seed",)) else 1
+        probs = predict_probs(self.model, val, seed=derived_seed(cfg.seed, 4), repeats=repeats, device=self.device, precision=cfg.precision).mean(0)
         m = classification_metrics(val.labels, probs)
         loss = nll_of_probs(probs, val.labels, None if self.weights is None else self.weights.numpy())
         return {"val_loss": loss, "val_auc": m["auc"], "val_accuracy": m["accuracy"]}
@@ -244,13 +271,15 @@ class _FoldTrainer:
         s.history.append(record)
         criterion, tiebreak, loss = epoch_criterion(self.cfg.selection, s.history, self.monitor, self.cfg.select_window)
         record["selection_criterion"] = criterion
-        if s.stopper.update(epoch, criterion, tiebreak, loss):
-            save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}))
+        if s.stopper.update(epoch, criterion, tiebreak, loss) and self.rank == 0:  # only rank 0 writes
+            save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}),
+                            slides={"train": self.train_set.slide_ids, "val": [] if self.val_set is None else self.val_set.slide_ids})
         s.stopped_early = s.stopper.should_stop(epoch)
         s.start_epoch = epoch + 1
         meta = {"fingerprint": self.fingerprint, "epoch": epoch, "train_seconds": s.train_seconds, "history": s.history,
                 "stopped_early": s.stopped_early, "early_stopping": s.stopper.to_dict()}
-        save_last_state(self.state_path, self.model, self.optimizer, meta, s.standardization)
+        if self.rank == 0:
+            save_last_state(self.state_path, self.model, self.optimizer, meta, s.standardization)
 
     def run(self, callback: Callable[[dict[str, Any]], None] | None) -> FoldTrainResult:
         s, cfg = self.state, self.cfg
@@ -262,9 +291,10 @@ class _FoldTrainer:
             self.val_set = None if self.val_set is None else self.val_set.with_standardization(*std)
         ckpt_extra = {"train": cfg.to_dict(), "class_names": self.train_set.class_names, "monitor": self.monitor,
                       "standardize": None if std is None else {"mean": std[0].tolist(), "std": std[1].tolist()}, **(self.extra or {})}
-        bar = progress_bar(cfg.progress, cfg.epochs, f"training {self.model_name}")
+        bar = progress_bar(cfg.progress and self.rank == 0, cfg.epochs, f"training {self.model_name}")
         if bar is not None:
             bar.update(s.start_epoch - 1)
+        log = EpochLog(self.state_path.parent, cfg, f"{self.model_name} {self.state_path.parent.name}", s.start_epoch, enabled=self.rank == 0)
         for epoch in range(s.start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             record = self.train_epoch(epoch)
@@ -272,7 +302,9 @@ class _FoldTrainer:
                 record.update(self.validate())
             s.train_seconds += time.perf_counter() - t0
             record["seconds"] = time.perf_counter() - t0
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
             self.end_epoch(epoch, record, ckpt_extra)
+            log.epoch(s.history, s.stopper.best_epoch, last=s.stopped_early or epoch == cfg.epochs)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_auc") and v is not None and not math.isnan(v)})
@@ -282,7 +314,9 @@ class _FoldTrainer:
                 break
         if bar is not None:
             bar.close()
-        write_json(self.state_path.parent / "history.json", s.history, indent=1)
+        log.close(s.history, s.stopper.best_epoch)
+        if self.rank == 0:
+            write_json(self.state_path.parent / "history.json", s.history, indent=1)
         return self.result()
 
 
@@ -305,6 +339,8 @@ def train_fold(
     result without training. ``callback(record)`` is called after each epoch,
     once its state is saved. ``extra`` is stored in the checkpoint config.
     Torch's global RNG is seeded on a private copy: the caller's state is left as it was.
+    Under torchrun with ``cfg.workers == 1`` the fold trains data-parallel on every rank
+    (:mod:`mmil.ddp`: the same steps as one process accumulating ``ranks x accumulate`` bags); only rank 0 writes.
     """
     out_dir = Path(out_dir)
     dataset_train.require_labels("training")

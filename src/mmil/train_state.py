@@ -22,7 +22,7 @@ from .errors import MMILInputError
 
 LAST_STATE_NAME = "last_state.safetensors"
 #: Options that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers")
+RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers", "workers", "log_every", "tensorboard")
 
 
 def fingerprint(model_name: str, model_kwargs: dict, cfg: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict[str, Any]:

@@ -152,6 +152,10 @@ class NystromAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
+    def pinv(self, a: Tensor) -> Tensor:
+        """``Z``: :func:`newton_schulz_pinv` of ``F2`` (a subclass may compute the same map faster)."""
+        return newton_schulz_pinv(a, self.pinv_iterations)
+
     def _split(self, t: Tensor) -> Tensor:
         B, M, _ = t.shape
         return t.view(B, M, self.heads, self.head_dim).transpose(1, 2)
@@ -179,7 +183,7 @@ class NystromAttention(nn.Module):
         f2 = masked_softmax((q_land @ k_land.transpose(-1, -2)) * scale, _bool_key_mask(land_mask))
         eye = torch.eye(m, dtype=f2.dtype, device=f2.device)
         f2 = torch.where(land_mask[:, None, :, None], f2, eye)
-        z = newton_schulz_pinv(f2, self.pinv_iterations)
+        z = self.pinv(f2)
 
         f3v = F.scaled_dot_product_attention(q_land, k, v, attn_mask=_bool_key_mask(mask))
         zf3v = (z @ f3v).masked_fill(~land_mask[:, None, :, None], 0.0)
