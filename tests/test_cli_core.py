@@ -99,14 +99,15 @@ def test_evaluate_and_predict(trained_run, synth_dir, tmp_path, capsys):
     out_csv = tmp_path / "pred.csv"
     assert main(["predict", "--checkpoint", str(ckpt), "--features", str(synth_dir / "features"), "--out", str(out_csv), "--grouping", "sequential", "--seed", "1"]) == 0
     rows = list(csv.reader(open(out_csv)))
-    assert rows[0] == ["slide_id", "prob_0", "prob_1", "pred", "repeat_std"]  # calibrated probabilities; spread of the repeats
+    assert rows[0] == ["slide_id", "prob_0", "prob_1", "pred_label", "repeat_std"]  # calibrated probabilities (classes 0, 1); spread of the repeats
     assert len(rows) == 13
     probs = np.array([[float(v) for v in r[1:3]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert [int(r[3]) for r in rows[1:]] == probs.argmax(1).tolist()
+    assert [r[3] for r in rows[1:]] == [str(k) for k in probs.argmax(1)]  # the class names of the synthetic labels
     again = tmp_path / "pred2.csv"
     main(["predict", "--checkpoint", str(ckpt), "--features", str(synth_dir / "features"), "--out", str(again), "--grouping", "sequential", "--seed", "1"])
     assert again.read_text() == out_csv.read_text()
+    assert "6 of 12 slides were seen in training" in capsys.readouterr().err  # fold 0's checkpoint on every slide: warned
     _one_line_error(capsys, ["evaluate", "--checkpoint", str(run), "--features", str(synth_dir / "features"), "--labels", str(synth_dir / "labels.csv")], "fold_0")
 
 

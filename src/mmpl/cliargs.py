@@ -120,3 +120,71 @@ positive_float = Range(float, 0, low_open=True)
 non_negative_float = Range(float, 0)
 fraction = Range(float, 0, 1)                      # [0, 1]
 open_fraction = Range(float, 0, 1, high_open=True)  # [0, 1)
+
+
+# ============================================================================ the flags of every command
+MAX_SEED = 2**32 - 2  # numpy and scikit-learn take seeds below 2**32; some commands also use seed + 1
+seed_int = Range(int, 0, MAX_SEED)
+#: What the common flags mean when a command does not give them (``--device``'s None means "auto";
+#: a command that reads a YAML --config keeps the file's value, see :func:`add_common_flags`).
+COMMON_DEFAULTS = {"threads": None, "device": "auto", "no_progress": False, "seed": 0}
+COMMON_FLAGS = ("--threads", "--device", "--no-progress", "--seed")
+COMMON_TITLE = "common options (the same on every command of mmil and prunelimit)"
+UNUSED = "accepted on every command for uniformity; this command does not use it"
+_COMMON_HELP = {
+    "threads": "CPU threads for torch; small models often run fastest on 1, especially on a busy machine",
+    "device": "auto, cpu, cuda or cuda:N (auto: this rank's GPU under torchrun, else the first GPU, else cpu)",
+    "no_progress": "no progress bars or progress lines (without it, bars are drawn on a terminal only)",
+    "seed": "seed of every random choice the command makes",
+}
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, dests: dict[str, str] | None = None,
+                     helps: dict[str, str] | None = None, unused: tuple[str, ...] = ()) -> None:
+    """Give ``parser`` the four flags every sub-command of both CLIs takes: ``--threads N``,
+    ``--device {auto,cpu,cuda,cuda:N}`` (default auto), ``--no-progress`` and ``--seed S`` (default 0).
+
+    Every flag is stored as "not given" (None; False for ``--no-progress``), so a YAML ``--config``
+    value is only overridden by a flag the user typed; ``dests`` names the attribute a flag fills
+    (e.g. ``{"device": "train_device"}`` to feed a nested config's field), ``helps`` says what the
+    flag means for this command, and the names in ``unused`` are marked as accepted but unused.
+    A flag the parser already has (the command declared it itself) is left as it is, and calling
+    this twice adds nothing, so a CLI can call it on every sub-command after building them.
+    """
+    taken = set(getattr(parser, "_option_string_actions", {}))
+    if all(flag in taken for flag in COMMON_FLAGS):
+        return
+    group = parser.add_argument_group(COMMON_TITLE)
+    dests, helps = dests or {}, helps or {}
+
+    def text(name: str, default: str) -> str:
+        why = UNUSED if name in unused else helps.get(name, _COMMON_HELP[name])
+        return f"{why} (default: {default})" if default and "(default:" not in why else why
+
+    if "--threads" not in taken:
+        group.add_argument("--threads", dest=dests.get("threads", "threads"), type=positive_int, metavar="N",
+                           default=None, help=text("threads", "torch's choice"))
+    if "--device" not in taken:
+        group.add_argument("--device", dest=dests.get("device", "device"), default=None, metavar="DEVICE",
+                           help=text("device", "auto"))
+    if "--no-progress" not in taken:
+        group.add_argument("--no-progress", dest=dests.get("no_progress", "no_progress"), action="store_true",
+                           default=False, help=text("no_progress", ""))
+    if "--seed" not in taken:
+        group.add_argument("--seed", dest=dests.get("seed", "seed"), type=seed_int, metavar="S", default=None,
+                           help=text("seed", "0"))
+
+
+def add_common_flags_everywhere(subparsers_action) -> None:
+    """:func:`add_common_flags` on every sub-command of an ``add_subparsers`` action that lacks them."""
+    for parser in dict.fromkeys(subparsers_action.choices.values()):
+        add_common_flags(parser)
+
+
+def apply_common_flags(args: argparse.Namespace) -> None:
+    """Act on the common flags that need no command: ``--threads`` sets torch's CPU threads."""
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        import torch  # noqa: PLC0415 - only commands that run torch pay for the import
+
+        torch.set_num_threads(threads)

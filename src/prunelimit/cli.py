@@ -19,14 +19,13 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, positive_int
+from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser as _Parser, add_common_flags, apply_common_flags
 from mmpl.config import add_config_flags, given_flags, read_yaml_mapping
-from mmpl.device import resolve_device
+from mmpl.device import DEVICE_HELP, resolve_device
 
 from .config import RunConfig, help_defaults
 from .errors import PruneLimitError
 
-STEP_COMMANDS = ("train", "spectrum", "predict", "prune", "report")
 # name: (one-line help in the command list, description on the command's own --help)
 COMMANDS = {
     "run": ("the whole pipeline: train, spectrum, predict, prune, report",
@@ -54,35 +53,45 @@ COMMANDS = {
     "list-datasets": ("the dataset names understood by --dataset",
                       "The built-in dataset names --dataset understands (any package.module:factory works too)."),
 }
-# --help layout: RunConfig's flags by topic; the fields not named here are listed under "run".
+# --help layout: the RunConfig flags by topic (seed and device are common flags, mmpl.cliargs.add_common_flags)
 FLAG_GROUPS = {
-    "training (l1-regularized)": ("lam", "epochs", "lr", "batch_size", "weight_decay", "schedule", "augment"),
-    "curvature and prediction": ("lanczos_steps", "lanczos_max_steps", "probes", "trace_samples", "hessian_samples",
-                                 "hessian_batch_size", "eps_batch_size", "p0"),
-    "pruning": ("tolerance", "prune_ratio", "save_pruned"),
+    "model and data": ("model", "dataset", "data_root"),
+    "training (l1-regularized)": ("lam", "max_dense_drop", "lam_sweep_epochs", "epochs", "lr", "batch_size",
+                                  "weight_decay", "schedule", "augment"),
+    "curvature and prediction": ("lanczos_steps", "lanczos_max_steps", "lanczos_max_seconds", "lanczos_max_memory_mb",
+                                 "probes", "trace_samples", "hessian_samples", "hessian_batch_size", "eps_batch_size", "p0"),
+    "pruning": ("tolerance", "criterion", "prune_ratio", "save_pruned"),
 }
+COMMON_FIELDS = ("seed", "device")  # RunConfig fields whose flags are the common ones
+# The option groups each command's steps read (`run` reads them all); the others are not its options.
+COMMAND_GROUPS = {
+    "run": tuple(FLAG_GROUPS),
+    "train": ("model and data", "training (l1-regularized)"),
+    "spectrum": ("model and data", "curvature and prediction"),
+    "predict": ("model and data",),
+    "prune": ("model and data", "pruning"),
+    "report": ("model and data",),
+}
+SEED_HELP = "seed of the split, initialisation, shuffling and probes"
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, new_run: bool) -> None:
-    """Options shared by `run` and the step commands (the RunConfig ones all default to "not given")."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--out", required=True, metavar="DIR", help="run directory: every step reads and writes its files here")
+def _add_run_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options of `run` and the step commands: the run directory, then only the groups its steps read."""
+    new_run = command in ("run", "train")
+    g = parser.add_argument_group("run directory")
+    g.add_argument("--out", required=True, metavar="DIR", help="run directory (a folder): every step reads and writes its files here")
     g.add_argument("--config", metavar="YAML", help="YAML file of options (field names of prunelimit.config.RunConfig); flags win over it")
     g.add_argument("--force", action="store_true", help="redo the step(s) even if their results exist (same model and dataset)")
     if new_run:
         g.add_argument("--overwrite", action="store_true",
                        help="start the run directory afresh: delete the files prunelimit wrote there (refused if it holds "
                        "other files); the stored config is ignored, so give --model and --dataset")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--threads", type=positive_int, metavar="N",
-                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy small machine)")
     named = "none; required for a new run directory" if new_run else "the run directory's; given, it is only checked against it"
     shown = {**help_defaults(), "model": named, "dataset": named}
-    grouped = tuple(name for names in FLAG_GROUPS.values() for name in names)
-    add_config_flags(g, RunConfig, exclude=grouped, defaults=shown)
-    for title, names in FLAG_GROUPS.items():
-        others = tuple(f.name for f in fields(RunConfig) if f.name not in names)
+    for title in COMMAND_GROUPS[command]:
+        others = tuple(f.name for f in fields(RunConfig) if f.name not in FLAG_GROUPS[title])
         add_config_flags(parser.add_argument_group(title), RunConfig, exclude=others, defaults=shown)
+    add_common_flags(parser, helps={"seed": SEED_HELP, "device": DEVICE_HELP})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (short, long) in COMMANDS.items():
         command = sub.add_parser(name, help=short, description=long)
-        if name == "run" or name in STEP_COMMANDS:
-            _add_run_options(command, new_run=name in ("run", "train"))
+        if name in COMMAND_GROUPS:
+            _add_run_options(command, name)
+        else:
+            add_common_flags(command, unused=("threads", "device", "no_progress", "seed"))
     from .cli_compare import add_compare_command
 
     add_compare_command(sub)
@@ -168,6 +179,7 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_common_flags(args)
     try:
         return _dispatch(args)
     except (PruneLimitError, ValueError, OSError) as err:  # OutputPathError is a ValueError
@@ -199,11 +211,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import distributed
 
     overrides = _overrides(args)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    started = maybe_init_distributed(overrides.get("device") or "cpu")
+    started = maybe_init_distributed(overrides.get("device") or "auto")
     rank = distributed.world()[0]
     try:
         steps = STEPS if args.command == "run" else (args.command,)

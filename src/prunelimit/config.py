@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from mmpl.cliargs import Range
+from mmpl.cliargs import MAX_SEED as CLI_MAX_SEED, Range
 from mmpl.config import coerce, flag_fields, flag_name, option, read_yaml_mapping
 from mmpl.device import DEVICE_HELP
 
@@ -36,7 +36,7 @@ LONG_SCHEDULE_EPOCHS = 160  # CIFAR-length schedule for every other dataset
 FALLBACK_LAM = 5e-5  # the paper's value for the FC nets; used for user models
 
 
-MAX_SEED = 2**32 - 2  # scikit-learn's split takes seeds below 2**32; the trace uses seed + 1
+MAX_SEED = CLI_MAX_SEED  # scikit-learn's split takes seeds below 2**32; the trace uses seed + 1
 
 
 # The argparse type of --lam: a finite number >= 0 or ``auto`` (the sweep of :mod:`prunelimit.lamsweep`).
@@ -67,7 +67,7 @@ class RunConfig:
         None, metavar="PATH", help="folder with local datasets in torchvision's layout (never downloaded); the CIFAR "
         "files are Python pickles, which can run code: use only files from the official archive")
     seed: int = option(0, type=Range(int, 0, MAX_SEED), help="seed of the split, initialisation, shuffling and probes")
-    device: str = option("cpu", help=DEVICE_HELP)
+    device: str = option("auto", help=DEVICE_HELP)
     # training (LOMP step 1)
     lam: float | str | None = option(
         "auto", type=lam_arg, metavar="LAM|auto",
@@ -124,8 +124,9 @@ class RunConfig:
     tolerance: float = option(0.01, type=Range(float, 0, 1, high_open=True),
                               help="accuracy drop (fraction, 0.01 = 1 point) allowed before the actual threshold")
     criterion: str = option("first-drop", choices=CRITERIA, metavar="{" + ",".join(CRITERIA) + "}",
-                            help="actual threshold: first-drop (first ratio below dense - tolerance) or released (the "
-                            "authors' code: largest ratio with accuracy above dense)")
+                            help="the headline actual threshold: first-drop (the first ratio whose test accuracy falls "
+                            "below dense - tolerance) or released (the criterion of the authors' released code: the "
+                            "largest ratio whose accuracy is still above dense; both are always reported)")
     save_pruned: bool = option(False, help="save the pruned model (masks made permanent) as model_pruned.safetensors")
     prune_ratio: float | None = option(
         None, type=Range(float, 0, 1, high_open=True), metavar="P",

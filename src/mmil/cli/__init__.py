@@ -1,13 +1,16 @@
 """``mmil`` command line: argument parsing and printing only.
 
 Each sub-module adds its sub-commands with ``add_commands(subparsers)`` and sets
-``func`` on its parsers; the work itself lives in the library modules.
+``func`` on its parsers; the work itself lives in the library modules. Every sub-command
+takes the common flags ``--threads``, ``--device``, ``--no-progress`` and ``--seed``
+(:func:`mmpl.cliargs.add_common_flags`): a command that uses them declares them itself (with
+the attribute its config reads); the others get them, marked unused, after all are built.
 """
 from __future__ import annotations
 
 import sys
 
-from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser
+from mmpl.cliargs import EXIT_USER_ERROR, OneLineParser, add_common_flags_everywhere, apply_common_flags
 
 from ..checkpoint import CheckpointError
 from ..errors import MMILInputError
@@ -21,12 +24,14 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
     for module in (core, wsi, bench):
         module.add_commands(sub)
+    add_common_flags_everywhere(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_common_flags(args)
     try:
         return int(args.func(args) or 0)
     except (MMILInputError, CheckpointError, FileNotFoundError, ValueError) as err:

@@ -13,10 +13,10 @@ from mmpl.config import add_config_flags, given_flags, layered_config
 from ..bench_config import BenchConfig
 from ..config import TrainConfig
 from ..errors import MMILInputError
-from .common import check_device, device_option
+from .common import add_common, check_device, default_device_auto, device_option
 
-#: The training options ``mmil bench`` has flags for (the rest come from --config's ``train:``).
-TRAIN_FLAGS = ("epochs", "device")
+#: The training options ``mmil bench`` has flags for (the rest come from --config's ``train:``; --device is a common flag).
+TRAIN_FLAGS = ("epochs", "workers")
 
 
 def add_commands(subparsers) -> None:
@@ -32,24 +32,28 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--features", required=True, help="directory of per-slide .h5/.pt feature files, or one MIL-benchmark CSV")
     p.add_argument("--labels", default=None, help="label CSV (slide_id,label[,case_id][,split]); omit for a MIL-benchmark CSV")
-    p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
+    p.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     p.add_argument("--config", default=None, help="YAML with bench settings: models, model_kwargs {name: {...}}, train {...}, folds, repeats, seed, cost_sizes, ...")
-    add_config_flags(p, BenchConfig, defaults={"models": "every baseline and mmil", "cost_sizes": "1k 10k 50k 100k"})
+    add_config_flags(p, BenchConfig, exclude=("seed",), defaults={"models": "every baseline and mmil", "cost_sizes": "1k 10k 50k 100k"})
     add_config_flags(p, TrainConfig, prefix="train_", exclude=tuple(f for f in TrainConfig.__dataclass_fields__ if f not in TRAIN_FLAGS),
                      defaults={"epochs": "the training config's, 200"})
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh: delete the files an earlier bench wrote there (refused if it holds other files)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    add_common(p, seed="seed of folds, initial weights and evaluation, the same for every model (YAML: seed)",
+               device="where to train and time the models (YAML: train.device)", progress="no progress bars or progress lines",
+               dests={"device": "train_device"})
+    p.add_argument("--quiet", dest="no_progress", action="store_true", help="deprecated alias of --no-progress")
     p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> BenchConfig:
     """The :class:`~mmil.bench_config.BenchConfig` of the YAML file (if any) with the flags on top."""
+    default_device_auto(args, "train_device", ("train", "device"))
     flags = given_flags(args, BenchConfig)
     train = given_flags(args, TrainConfig, prefix="train_")
     if "seed" in flags:  # one seed for folds, weights and evaluation
         train["seed"] = flags["seed"]
-    if args.quiet:
+    if args.no_progress:
         train["progress"] = False
     return layered_config(BenchConfig, args.config, flags, {"train": train}, MMILInputError)
 
@@ -66,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.features, args.labels)
     if len(dataset) == 0:
         raise MMILInputError(f"{args.features}: no bags found")
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"mmil bench: {msg}", file=sys.stderr, flush=True))
-    result = run_bench(dataset, cfg, args.out, progress=not args.quiet, log=log, overwrite=args.overwrite)
+    log = (lambda msg: None) if args.no_progress else (lambda msg: print(f"mmil bench: {msg}", file=sys.stderr, flush=True))
+    result = run_bench(dataset, cfg, args.out, progress=not args.no_progress, log=log, overwrite=args.overwrite)
     width = max(len(s["model"]) for s in result.summary)
     print(f"{'rank':>4}  {'model':<{width}}  {'AUC':>13}  {'accuracy':>13}")
     for s in result.summary:

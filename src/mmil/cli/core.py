@@ -18,7 +18,7 @@ from mmpl.fsio import check_output_dir, check_output_file
 
 from ..config import ExperimentConfig, TrainConfig
 from ..errors import MMILInputError
-from .common import add_threads, check_device, check_grouping, device_option, model_args, options_from_args, set_threads
+from .common import add_common, check_device, check_grouping, default_device_auto, device_option, model_args, options_from_args
 from .options import (
     IMPORT_DEFAULTS,
     EvaluateOptions,
@@ -48,19 +48,20 @@ def _add_train(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="cross-validate a MIL model on feature bags",
-        description="Cross-validate a MIL model (stratified k-fold, patient-level with case_id, or the label CSV's fixed split) and write metrics.json, roc.png, config.yaml and one checkpoint per fold. Rerun the same command to resume.",
+        description="Cross-validate a MIL model (stratified k-fold, patient-level with case_id, the label CSV's fixed split, or CLAM's splits_k.csv with --splits-dir) and write metrics.json, roc.png, config.yaml and one checkpoint per fold. Rerun the same command to resume.",
     )
-    p.add_argument("--features", required=True, help="directory of per-slide .h5/.pt bags, or one MIL-benchmark CSV (label,bag_id,f1,...)")
+    p.add_argument("--features", required=True, help="directory of per-slide .h5/.pt bags (CLAM, STAMP; a TRIDENT job root or features_<encoder> folder), or one MIL-benchmark CSV (label,bag_id,f1,...)")
     p.add_argument("--labels", help="label CSV (slide_id,label[,case_id][,split|fold]) or the wide split CSV; not needed for a MIL-benchmark CSV")
-    p.add_argument("--out", required=True, help="output directory of the run")
+    p.add_argument("--out", required=True, help="output folder of the run")
     p.add_argument("--config", help="YAML experiment config (see configs/mmil_default.yaml); command-line options override it")
     p.add_argument("--overwrite", action="store_true", help="start --out afresh: delete the run files a previous run left there (other files are kept)")
-    add_threads(p)
+    add_common(p, seed="seed of folds, initial weights, bag order and evaluation (YAML: seed)", device="where to train (YAML: train.device)",
+               progress="no progress bars (YAML: train.progress)", dests={"device": "train_device"})
     g = p.add_argument_group("experiment options (YAML: top-level keys)")
-    add_config_flags(g, ExperimentConfig)
+    add_config_flags(g, ExperimentConfig, exclude=("seed",))
     g.add_argument("--ignore-splits", action="store_true", help="cross-validate even when the label CSV has a split or fold column (YAML: use_splits: false)")
     g = p.add_argument_group("training options (YAML: keys under train:; --seed also seeds the training)")
-    add_config_flags(g, TrainConfig, prefix="train_", exclude=("seed",))
+    add_config_flags(g, TrainConfig, prefix="train_", exclude=("seed", "device", "progress"))
     g.add_argument("--standardize", choices=tuple(STANDARDIZE), help="z-score features with training-fold statistics (auto: on for MIL-benchmark CSVs only)")
     g = p.add_argument_group("model options (YAML: keys under model_kwargs:; only those given are passed to the model)")
     add_config_flags(g, ModelOptions, prefix="model_", defaults={f.name: "the model's" for f in dataclasses.fields(ModelOptions)})
@@ -70,8 +71,11 @@ def _add_train(subparsers) -> None:
 
 def _experiment_from_args(args) -> ExperimentConfig:
     """The ``--config`` experiment with the flags given laid over it."""
+    default_device_auto(args, "train_device", ("train", "device"))
     top = given_flags(args, ExperimentConfig)
     train = given_flags(args, TrainConfig, prefix="train_")
+    if args.no_progress:
+        train["progress"] = False
     if "seed" in top:
         train["seed"] = top["seed"]
     if args.standardize is not None:
@@ -80,6 +84,8 @@ def _experiment_from_args(args) -> ExperimentConfig:
         top["use_splits"] = False
     top["features"] = str(Path(args.features).resolve())
     top["labels"] = str(Path(args.labels).resolve()) if args.labels else None
+    if top.get("splits_dir"):
+        top["splits_dir"] = str(Path(top["splits_dir"]).resolve())
     model_kwargs = {**given_flags(args, ModelOptions, prefix="model_"), **model_args(args.model_arg)}
     exp = layered_config(ExperimentConfig, args.config, top, {"train": train, "model_kwargs": model_kwargs}, MMILInputError)
     check_grouping(exp.model_kwargs.get("grouping"))
@@ -93,7 +99,6 @@ def cmd_train(args) -> int:
     exp = _experiment_from_args(args)
     check_device(exp.train.device, device_option(args, args.train_device is not None, "train.device"))
     check_output_dir(args.out)
-    set_threads(args.threads)
     features = Path(args.features)
     if features.suffix.lower() != ".csv" and not args.labels:
         raise MMILInputError(f"{features}: --labels is required for a features directory (a MIL-benchmark CSV carries its own labels)")
@@ -101,8 +106,11 @@ def cmd_train(args) -> int:
     result = cross_validate(
         dataset, exp.model, exp.model_kwargs, exp.train, args.out,
         folds=exp.folds, repeats=exp.repeats, seed=exp.seed, use_splits=exp.use_splits, experiment=exp, overwrite=args.overwrite,
+        splits_dir=exp.splits_dir,
     )
     s = result.summary
+    if not s:  # a torchrun rank other than 0 (mmil.ddp): rank 0 writes and reports
+        return 0
     print(f"{exp.model} on {dataset.source}: {len(dataset)} bags, classes {dataset.class_names}, split {s['split']}, R={exp.repeats}")
     print(format_metrics_table(s))
     print(f"results: {Path(args.out) / 'metrics.json'}, {Path(args.out) / 'roc.png'}, {Path(args.out) / 'reliability.png'}")
@@ -134,8 +142,9 @@ def _add_inference(subparsers, name: str, options, func, *, help: str, descripti
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/fold_0/checkpoint, or one from `mmil import-checkpoint`)")
     for flag, kwargs in inputs:
         p.add_argument(flag, **kwargs)
-    add_config_flags(p, options)
-    add_threads(p)
+    add_config_flags(p, options, exclude=("seed", "device"))
+    add_common(p, seed="first seed of the R stochastic runs (seeds S..S+R-1)", device="where to run the model",
+               progress="no progress bars")
     _add_overrides(p)
     p.set_defaults(func=func)
 
@@ -145,16 +154,20 @@ def _add_evaluate(subparsers) -> None:
                    description="Repeated stochastic evaluation of a checkpoint (mean ± std over R runs, and the test-time ensemble).",
                    inputs=[("--features", {"required": True, "help": "directory of .h5/.pt bags, or a MIL-benchmark CSV"}),
                            ("--labels", {"help": "label CSV (required for a features directory)"}),
-                           ("--out", {"help": "write the metrics to this JSON file"})])
+                           ("--out", {"help": "output file: the metrics as JSON"})])
 
 
 def _add_predict(subparsers) -> None:
     _add_inference(subparsers, "predict", PredictOptions, cmd_predict, help="class probabilities per slide",
-                   description="Write slide_id,prob_0,...,prob_{C-1},pred,repeat_std for every bag: probabilities averaged over R seeded runs and "
+                   description="Write slide_id,prob_<class>...,pred_label,repeat_std for every bag (columns named by the checkpoint's classes): probabilities averaged over R seeded runs and "
                                "scaled by the checkpoint's temperature, and the std over the runs of the predicted class's probability; "
-                               "with --conformal-alpha also the prediction set (e.g. 0|1) and abstain (set not a single class).",
+                               "with --conformal-alpha also the prediction set of class names (e.g. normal|tumor) and abstain (set not a single class).",
                    inputs=[("--features", {"required": True, "help": "directory of .h5/.pt bags (every slide found), or a MIL-benchmark CSV"}),
-                           ("--out", {"required": True, "help": "output CSV"})])
+                           ("--out", {"required": True, "help": "output file: the predictions CSV"}),
+                           ("--labels", {"help": "label CSV slide_id,label[,case_id] (labels may be empty): predict only its slides, "
+                                                 "and know their patients (case_id) for --patient-out"}),
+                           ("--patient-out", {"help": "output file: patient-level predictions case_id,n_slides,prob_<class>...,pred_label, "
+                                                      "the mean of each patient's slide probabilities (needs --labels with a case_id column)"})])
 
 
 def _start_inference(args, options):
@@ -163,8 +176,16 @@ def _start_inference(args, options):
     check_device(opts.device)
     if args.out:
         check_output_file(args.out)
-    set_threads(args.threads)
     return opts, _resolve_checkpoint(args.checkpoint)
+
+
+def _check_seen(command: str, ckpt: Path, slide_ids, refuse: bool) -> None:
+    """One warning line on stderr when the checkpoint trained on some of ``slide_ids``; exit 2 with ``refuse``."""
+    from ..evaluate import check_seen_slides
+
+    line = check_seen_slides(ckpt, slide_ids, refuse=refuse)
+    if line:
+        print(f"mmil {command}: warning: {line}", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> int:
@@ -179,9 +200,10 @@ def cmd_evaluate(args) -> int:
         raise MMILInputError(f"{features}: --labels is required to evaluate on a features directory")
     opts, ckpt = _start_inference(args, EvaluateOptions)
     dataset = load_dataset(features, args.labels)
+    _check_seen("evaluate", ckpt, dataset.slide_ids, opts.refuse_training_slides)
     calibration = {"use_temperature": opts.temperature, "alpha": opts.conformal_alpha, "mondrian": opts.mondrian}
     result = evaluate_checkpoint(ckpt, dataset, repeats=opts.repeats, seed=opts.seed, device=opts.device, precision=opts.precision,
-                                 calibration=calibration, **_overrides(args))
+                                 calibration=calibration, progress=not args.no_progress, **_overrides(args))
     print(f"{ckpt} on {dataset.source}: {len(dataset)} bags, R={opts.repeats} (seeds {opts.seed}..{opts.seed + opts.repeats - 1})")
     print(f"{'metric':>18} {'mean':>8} {'std':>8} {'ensemble':>9}")
     for name in METRIC_NAMES:
@@ -193,6 +215,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _write_patient_predictions(path: str, cfg: dict, case_ids, probs_r, use_temperature: bool) -> None:
+    """The patient means of the probabilities written by ``predict`` (calibrated the same way)."""
+    from mmpl.jsonio import write_text
+
+    from ..calibrate_run import calibrated_probs, temperature_of
+    from ..evaluate import patient_predictions_csv
+
+    probs = calibrated_probs(probs_r, temperature_of(cfg, use_temperature))
+    write_text(path, patient_predictions_csv(case_ids, probs, class_names=cfg.get("extra", {}).get("class_names")))
+    print(f"wrote {len(set(case_ids))} patient predictions to {path}")
+
+
 def cmd_predict(args) -> int:
     from mmpl.jsonio import write_text
 
@@ -201,14 +235,22 @@ def cmd_predict(args) -> int:
     from ..evaluate import load_for_inference, predict_probs
 
     opts, ckpt = _start_inference(args, PredictOptions)
-    dataset = load_dataset(args.features, None).without_labels()  # a MIL CSV's labels play no part in prediction
+    if args.patient_out:
+        check_output_file(args.patient_out, "--patient-out")
+    dataset = load_dataset(args.features, args.labels).without_labels()  # labels play no part in prediction
+    if args.patient_out and dataset.case_ids is None:
+        raise MMILInputError(f"--patient-out needs the slides' patients: pass --labels with a case_id column ({args.labels or 'no --labels given'})")
+    _check_seen("predict", ckpt, dataset.slide_ids, opts.refuse_training_slides)
     model, dataset, cfg = load_for_inference(ckpt, dataset, device=opts.device, **_overrides(args))
     if opts.conformal_alpha is not None:
         require_calibration(cfg, ckpt)  # before the inference
-    probs_r = predict_probs(model, dataset, seed=opts.seed, repeats=opts.repeats, device=opts.device, precision=opts.precision, progress=True)
+    probs_r = predict_probs(model, dataset, seed=opts.seed, repeats=opts.repeats, device=opts.device, precision=opts.precision,
+                            progress=not args.no_progress)
     write_text(args.out, predictions_table(cfg, ckpt, dataset.slide_ids, probs_r, use_temperature=opts.temperature,
                                            alpha=opts.conformal_alpha, mondrian=opts.mondrian))
     print(f"wrote {len(dataset)} predictions to {args.out}")
+    if args.patient_out:
+        _write_patient_predictions(args.patient_out, cfg, dataset.case_ids, probs_r, opts.temperature)
     return 0
 
 
@@ -220,9 +262,9 @@ def _add_prune_limit(subparsers) -> None:
     p.add_argument("--labels", help="label CSV for --features (required for a directory)")
     p.add_argument("--test-features", help="test bags for the actual threshold (default: --features)")
     p.add_argument("--test-labels", help="label CSV for --test-features")
-    p.add_argument("--out", required=True, help="output JSON")
-    add_config_flags(p, PruneLimitOptions)
-    add_threads(p)
+    p.add_argument("--out", required=True, help="output file: the result as JSON")
+    add_config_flags(p, PruneLimitOptions, exclude=("seed",))
+    add_common(p, seed="grouping and probe seed", progress="no progress bars")
     p.set_defaults(func=cmd_prune_limit)
 
 
@@ -242,14 +284,14 @@ def cmd_prune_limit(args) -> int:
 
     opts = options_from_args(args, PruneLimitOptions)
     check_output_file(args.out)
-    set_threads(args.threads)
     ckpt = _resolve_checkpoint(args.checkpoint)
     train = _labelled_dataset(args.features, args.labels)
     test = _labelled_dataset(args.test_features, args.test_labels) if args.test_features else train
     model, train, _ = load_for_inference(ckpt, train)
     _, test, _ = load_for_inference(ckpt, test)
     result = prune_limit(model, train, test, seed=opts.seed, lanczos_steps=opts.lanczos_steps, num_probes=opts.probes,
-                         tolerance=opts.tolerance, bags_per_batch=opts.bags_per_batch, progress=sys.stderr.isatty())
+                         tolerance=opts.tolerance, bags_per_batch=opts.bags_per_batch,
+                         progress=not args.no_progress and sys.stderr.isatty())
     write_json(args.out, result.to_dict())
     print(f"{ckpt}: {result.num_prunable} prunable weights, dense accuracy {result.dense_accuracy:.4f}; {result.regime}")
     print(f"predicted threshold {result.predicted_ratio:.4f} (keep {1 - result.predicted_ratio:.4f}); "
@@ -262,9 +304,10 @@ def _add_import_checkpoint(subparsers) -> None:
     p = subparsers.add_parser("import-checkpoint", help="convert a released MMIL-Transformer checkpoint", description="Convert the authors' released weights (a plain state dict, read with weights_only=True) into an mmil checkpoint directory.")
     p.add_argument("--released", required=True, help="released .pth/.pt file")
     p.add_argument("--class-names", nargs="+", help="class names in index order (default 0..C-1)")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", required=True, help="output folder: the checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     add_config_flags(p, ImportOptions, defaults=IMPORT_DEFAULTS)
+    add_common(p)
     p.set_defaults(func=cmd_import_checkpoint)
 
 
@@ -290,8 +333,9 @@ def cmd_import_checkpoint(args) -> int:
 
 def _add_synth(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write a synthetic WSI-like bag dataset", description="Synthetic slides: tissue-shaped patch grids, positives with a small spatially clustered fraction of shifted instances. Writes OUT/features/*.h5 and OUT/labels.csv.")
-    p.add_argument("--out", required=True, help="output directory")
-    add_config_flags(p, SynthOptions)
+    p.add_argument("--out", required=True, help="output folder (features/, labels.csv)")
+    add_config_flags(p, SynthOptions, exclude=("seed",))
+    add_common(p, seed="seed of the slides (same seed -> same files)", progress="no progress bar")
     p.set_defaults(func=cmd_synth)
 
 
@@ -300,7 +344,7 @@ def cmd_synth(args) -> int:
 
     opts = options_from_args(args, SynthOptions)
     check_output_dir(args.out)
-    out = write_synthetic_dataset(args.out, progress=True, **dataclasses.asdict(opts))
+    out = write_synthetic_dataset(args.out, progress=not args.no_progress, **dataclasses.asdict(opts))
     print(f"wrote {opts.n_slides} synthetic slides to {out / 'features'} and labels to {out / 'labels.csv'}")
     if (out / "oracle.json").is_file():
         import json

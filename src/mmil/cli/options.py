@@ -51,14 +51,16 @@ class EvaluateOptions:
     """Options of ``mmil evaluate``."""
 
     repeats: int = option(10, help="R stochastic evaluations, seeds seed..seed+R-1", type=positive_int, metavar="R")
-    seed: int = option(0, help="first evaluation seed", type=non_negative_int)
-    precision: str = option("fp32", help="fp32, or bf16 autocast for inference", choices=PRECISIONS)
-    device: str = option("cpu", help=DEVICE_HELP)
+    seed: int = option(0, help="first evaluation seed", type=non_negative_int)  # the flag: the common --seed
+    precision: str = option("auto", help="auto (bf16 only with native bf16 matmul, else fp32), fp32, or bf16 autocast for inference", choices=PRECISIONS)
+    device: str = option("auto", help=DEVICE_HELP)  # the flag: the common --device
     temperature: bool = option(True, help="apply the temperature fitted on the fold's validation slides (stored in the checkpoint)")
     conformal_alpha: float | None = option(None, help="miscoverage alpha of split-conformal prediction sets from the checkpoint's "
                                            "validation scores (sets cover the true class with probability >= 1 - alpha)",
                                            type=Range(float, 0, 1, low_open=True, high_open=True), metavar="ALPHA")
     mondrian: bool = option(False, help="class-conditional (Mondrian) conformal thresholds: coverage >= 1 - alpha within each class")
+    refuse_training_slides: bool = option(False, help="stop (exit 2) instead of warning when asked to score slides the checkpoint "
+                                          "was trained or validated on (recorded in its slides.json)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from mmpl.config import add_config_flags, given_flags, layered_config
 
 from ..errors import MMILInputError
-from .common import check_device, device_option
+from .common import add_common, check_device, default_device_auto, device_option
 from .options import ModelOverrides
 
 _OK = ("ok", "exists")
@@ -36,11 +36,15 @@ def _build_config(cls, args: argparse.Namespace, nested: Mapping[str, Mapping[st
     Flags were range-checked when parsed, so a value refused here came from the YAML
     file: the message names the file, the key and the option.
     """
+    if "device" in getattr(cls, "__dataclass_fields__", {}):
+        default_device_auto(args)  # the command line's default is auto unless --config names a device
     cfg = layered_config(cls, args.config, given_flags(args, cls), nested, MMILInputError)
     try:
         cfg.validate()
     except MMILInputError as err:
         raise MMILInputError(f"{args.config}: {err}" if args.config else str(err)) from None
+    if "device" in getattr(cls, "__dataclass_fields__", {}):
+        cfg.device = check_device(cfg.device, device_option(args, args.device not in (None, "auto")))  # auto resolved once
     return cfg
 
 
@@ -78,9 +82,16 @@ def _add_parser(sub, name: str, cls, *, help: str, description: str, config: str
         p.add_argument(flag, required=True, help=text)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", help=f"YAML file with {config}; flags override it")
-    p.add_argument("--no-progress", action="store_true", help="disable progress bars")
-    add_config_flags(p, cls)
+    add_config_flags(p, cls, exclude=("seed", "device"))
+    add_common(p, progress="no progress bars", **COMMON_HELP.get(name, {}))
     return p
+
+
+#: What --seed and --device drive in each command (tile uses neither; YAML keys: seed, device).
+COMMON_HELP = {
+    "extract": {"seed": "seed of the random weights (--random-weights)", "device": "where to run the backbone"},
+    "heatmap": {"seed": "first seed of the random sub-bag grouping", "device": "where to run the model"},
+}
 
 
 SLIDES_HELP = "folder of slide files (.svs, .tif, .ndpi, .mrxs, ...), one slide file, or a CSV with a 'path' column (and optional 'slide_id')"
@@ -106,11 +117,13 @@ def _add_tile(sub) -> None:
         help="tissue segmentation and patch coordinates for slides (CLAM-style .h5, thumbnails, summary.csv)",
         description="Segment tissue on a low-resolution level and write the patch grid of each slide as <out>/patches/<slide>.h5, "
         "a thumbnail with tissue outlines and patches as <out>/thumbnails/<slide>.png, and <out>/summary.csv. "
-        "Unreadable slides are reported and skipped. Defaults are CLAM's; areas are in 128-um reference patches (CLAM's 512-px patch at 40x).",
+        "Unreadable slides are reported and skipped. CLAM's recipe; areas are in 128-um reference patches (CLAM's 512-px patch at 40x), "
+        "and a region is dropped when smaller than max(--min-tissue-area, --min-tissue-area-rel x the largest region), so small specimens "
+        "and needle biopsies are kept (CLAM's absolute rule: --min-tissue-area 100 --min-tissue-area-rel 0 --min-hole-area 16 --min-hole-area-rel 0).",
         config="tiling options (keys as in TilingConfig; tissue options under 'tissue:')",
         inputs=[("--slides", SLIDES_HELP)],
     )
-    add_config_flags(p.add_argument_group("tissue segmentation (CLAM defaults; YAML: keys under tissue:)"), TissueParams, prefix="tissue_")
+    add_config_flags(p.add_argument_group("tissue segmentation (CLAM's recipe, area thresholds relative to the largest region; YAML: keys under tissue:)"), TissueParams, prefix="tissue_")
     p.set_defaults(func=_cmd_tile)
 
 
@@ -131,12 +144,15 @@ def _add_extract(sub) -> None:
 
     p = _add_parser(
         sub, "extract", ExtractConfig,
-        help="patch features per slide with a ResNet-50 (truncated, 1024-d) or a timm model (CLAM-style .h5)",
-        description="Embed the patches listed by `mmil tile` and write <out>/<slide>.h5 with 'features' (N, D) float32 and 'coords' (N, 2) int64. "
+        help="patch features per slide with a ResNet-50 (truncated, 1024-d), a pathology encoder preset (uni, virchow2, ...) or a timm model (CLAM-style .h5)",
+        description="Embed the patches listed by `mmil tile` (or CLAM's / TRIDENT's coordinate files) and write <out>/<slide>.h5 with 'features' (N, D) float32 "
+        "and 'coords' (N, 2) int64, attributes naming the encoder and the patch geometry (patch size at level 0, magnification, mpp); "
+        "--layout clam writes <out>/h5_files/, --layout trident TRIDENT's job root, --pt adds CLAM's pt_files/<slide>.pt. "
         "Finished slides are skipped (resume). Weights come only from a local file. Under torchrun each rank takes its share of slides.",
         config="extraction options (keys as in ExtractConfig)",
         inputs=[("--slides", "folder of slide files, one slide file, or a CSV with a 'path' column"),
-                ("--coords", "folder with <slide>.h5 coordinate files (the --out of `mmil tile`, or CLAM's patches folder)")],
+                ("--coords", "folder with <slide>.h5 coordinate files (the --out of `mmil tile`, or CLAM's patches folder), "
+                 "or TRIDENT's <job>/<mag>x_<patch>px_<overlap>px_overlap folder (<slide>_patches.h5)")],
     )
     p.set_defaults(func=_cmd_extract)
 
@@ -148,12 +164,13 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
     # Inference-time model options that do not change the weights (as in `mmil predict`).
     cfg = _build_config(HeatmapConfig, args, {"model_kwargs": given_flags(args, ModelOverrides, prefix="model_")})
     slides = _start(args, cfg.device)
-    results = make_heatmaps(args.checkpoint, args.features, slides, args.out, cfg, progress=not args.no_progress)
+    results = make_heatmaps(args.checkpoint, args.features, slides, args.out, cfg, progress=not args.no_progress, from_cv=args.from_cv)
 
     def describe(r) -> str:
         if r.status != "ok":
             return f"{r.slide}\t{r.status}"
-        return f"{r.slide}\tpredicted {r.predicted}\tp = {max(r.probs):.3f}\t{r.n_patches} patches"
+        fold = "" if r.fold is None else f"\tfold {r.fold}"
+        return f"{r.slide}\tpredicted {r.predicted}\tp = {max(r.probs):.3f}\t{r.n_patches} patches{fold}"
 
     return _report("heatmap", results, describe, str(Path(args.out) / "summary.csv"))
 
@@ -165,12 +182,17 @@ def _add_heatmap(sub) -> None:
         sub, "heatmap", HeatmapConfig,
         help="per-patch importance of a trained model as PNG overlays and QuPath GeoJSON",
         description="For every feature file with a matching slide: instance scores of the checkpoint's model (averaged over --repeats seeds), "
-        "written as <out>/<slide>.png (overlay on the thumbnail), <out>/<slide>.geojson (QuPath: File > Import objects) and <out>/<slide>_scores.csv.",
+        "written as <out>/<slide>.png (raw thumbnail beside the overlay, scale bar, labelled colorbar), <out>/<slide>_top<K>.png (gallery of "
+        "the top-K patches), <out>/<slide>.geojson (QuPath: File > Import objects), <out>/<slide>_scores.csv and <out>/summary.csv. "
+        "With --from-cv RUN every slide is scored by the fold model that held it out; a single --checkpoint warns about slides it trained on.",
         config="heatmap options (keys as in HeatmapConfig; model options under 'model_kwargs:')",
-        inputs=[("--checkpoint", "checkpoint folder written by `mmil train` (model.safetensors + config.json)"),
-                ("--features", "folder of <slide>.h5 feature files from `mmil extract`"),
+        inputs=[("--features", "folder of <slide>.h5 feature files from `mmil extract`"),
                 ("--slides", "folder of slide files, one slide file, or a CSV with a 'path' column")],
     )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint folder written by `mmil train` (model.safetensors + config.json)")
+    which.add_argument("--from-cv", metavar="RUN", help="the --out folder of `mmil train`: each slide is scored by the fold model "
+                       "that did not train on it (RUN/folds.json, RUN/fold_k/checkpoint); summary.csv names the fold")
     g = p.add_argument_group("model options (YAML: keys under model_kwargs:; only those given override the checkpoint's)")
     add_config_flags(g, ModelOverrides, prefix="model_", defaults={"grouping": "the checkpoint's", "num_subbags": "the checkpoint's"})
     p.set_defaults(func=_cmd_heatmap)
