@@ -149,13 +149,7 @@ def roc_figure(benches: Sequence[ModelBench]):
                 continue
             fpr, tpr, auc = roc_points(b.y_true, np.asarray(b.probs))
             ax.plot(fpr, tpr, **plotstyle.series_style(i), markevery=0.1, label=f"{b.model} (pooled AUC {auc:.3f})")
-        ax.plot([0, 1], [0, 1], **plotstyle.REFERENCE, label="chance")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("false positive rate (1 - specificity)")
-        ax.set_ylabel("true positive rate (sensitivity)")
-        ax.set_title("ROC of out-of-fold test predictions")
-        ax.legend(loc="lower right")
+        plotstyle.finish_roc_axes(ax, "ROC of out-of-fold test predictions")
     return fig
 
 

@@ -54,14 +54,7 @@ def roc_figure(y_true_per_fold: Sequence[np.ndarray], probs_per_fold: Sequence[n
             _binary_curves(ax, y_true_per_fold, probs_per_fold, names[1])
         else:
             _one_vs_rest_curves(ax, y_true_per_fold, probs_per_fold, names)
-        ax.plot([0, 1], [0, 1], **plotstyle.REFERENCE, label="chance")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_aspect("equal")
-        ax.set_xlabel("false positive rate (1 - specificity)")
-        ax.set_ylabel("true positive rate (sensitivity)")
-        ax.set_title(title)
-        ax.legend(loc="lower right")
+        plotstyle.finish_roc_axes(ax, title, equal=True)
     return fig
 
 

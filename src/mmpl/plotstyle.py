@@ -101,3 +101,16 @@ def unlabelled_axes(fig) -> list[str]:
 def _shares_labelled(ax, which: str) -> bool:
     group = ax.get_shared_x_axes() if which == "x" else ax.get_shared_y_axes()
     return any((o.get_xlabel() if which == "x" else o.get_ylabel()).strip() for o in group.get_siblings(ax) if o is not ax)
+
+
+def finish_roc_axes(ax, title: str, equal: bool = False) -> None:
+    """The chance diagonal, unit limits, the two rates as axis labels, a title and the legend of a ROC panel."""
+    ax.plot([0, 1], [0, 1], **REFERENCE, label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    if equal:
+        ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -183,20 +184,25 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
 
 
+def check_state_keys(expected: Iterable[str], mapped: Mapping[str, Tensor], source: str, what: str, hint: str) -> None:
+    """Raise an :class:`MMILInputError` naming ``source`` and a few keys if ``mapped`` lacks or adds any key."""
+    expected = set(expected)
+    missing = sorted(expected - set(mapped))
+    unexpected = sorted(set(mapped) - expected)
+    if missing or unexpected:
+        raise MMILInputError(
+            f"{source}: not {what} weights: {len(missing)} missing keys {missing[:4]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:4]}; {hint}"
+        )
+
+
 def load_resnet_weights(model: ResNet, state: dict[str, Tensor], source: str = "weights") -> LoadReport:
     """Load torchvision-named weights into ``model``; raise on missing/unexpected keys or shapes."""
     kept, dropped = filter_torchvision_resnet(state, model.num_stages)
     if model.fc is not None:
         kept.update({k: v for k, v in state.items() if k.startswith("fc.")})
         dropped = [k for k in dropped if not k.startswith("fc.")]
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(kept))
-    unexpected = sorted(set(kept) - expected)
-    if missing or unexpected:
-        raise MMILInputError(
-            f"{source}: not torchvision ResNet-50 weights: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}; {_WEIGHTS_HINT}"
-        )
+    check_state_keys(model.state_dict(), kept, source, "torchvision ResNet-50", _WEIGHTS_HINT)
     try:
         model.load_state_dict(kept, strict=True)
     except RuntimeError as err:

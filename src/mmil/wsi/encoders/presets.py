@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Mapping
 from torch import Tensor, nn
 
 from ...errors import MMILInputError
+from ..backbones import check_state_keys
 from .hf_dinov2 import hf_dinov2_filter
 from .vit import ViTConfig, VisionTransformer
 
@@ -143,14 +144,7 @@ def get_preset(name: str) -> EncoderSpec:
 
 def check_preset_keys(expected: Iterable[str], spec: EncoderSpec, mapped: Mapping[str, Tensor], source: str) -> None:
     """Raise an :class:`MMILInputError` naming ``source`` and a few keys if ``mapped`` lacks or adds any key."""
-    expected = set(expected)
-    missing = sorted(expected - set(mapped))
-    unexpected = sorted(set(mapped) - expected)
-    if missing or unexpected:
-        raise MMILInputError(
-            f"{source}: not {spec.name} weights: {len(missing)} missing keys {missing[:4]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:4]}; pass the released {spec.name} file ({spec.source})"
-        )
+    check_state_keys(expected, mapped, source, spec.name, f"pass the released {spec.name} file ({spec.source})")
 
 
 def load_preset_weights(model: nn.Module, spec: EncoderSpec, state: Mapping[str, Tensor], source: str) -> int:
