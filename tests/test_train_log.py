@@ -21,7 +21,7 @@ from mmil.train import train_fold
 from mmil_toys import register_toys
 
 TOY = register_toys()
-LINE = re.compile(r"^(\S+) (fold_\d+) epoch (\d+)/(\d+)  train_loss (\S+)  val_loss (\S+)  val_auc (\S+)  lr (\S+)  \S+s(  kept)?$")
+LINE = re.compile(r"^(\S+) (fold_\d+) epoch (\d+)/(\d+)  train_loss (\S+)  val_loss (\S+)  val_auc (\S+)  lr (\S+)  \S+s(  best so far)?$")
 
 
 def _bags(n=16, seed=0):
@@ -119,7 +119,7 @@ def test_line_schedule_and_format():
     assert train_log.line_interval(5, progress=False, terminal=False) == 0
     rec = {"epoch": 2, "train_loss": 0.5, "val_loss": float("nan"), "val_auc": 0.75, "lr": 1e-3, "seconds": 1.25}
     m = LINE.match(train_log.format_epoch_line("mmil fold_1", rec, 9, kept=True))
-    assert m and (m[3], m[4], m[5], m[6], m[7], m[8], m[9]) == ("2", "9", "0.5000", "nan", "0.750", "1.00e-03", "  kept")
+    assert m and (m[3], m[4], m[5], m[6], m[7], m[8], m[9]) == ("2", "9", "0.5000", "nan", "0.750", "1.00e-03", "  best so far")
 
 
 def test_tensorboard_refused_without_the_package(monkeypatch, split_data, tmp_path, capsys):

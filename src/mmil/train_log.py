@@ -69,7 +69,11 @@ def _number(v: Any) -> float | None:
 
 
 def format_epoch_line(tag: str, record: dict[str, Any], epochs: int, kept: bool) -> str:
-    """One log line: ``TAG epoch E/N  train_loss ..  val_loss ..  val_auc ..  lr ..  S s[  kept]``."""
+    """One log line: ``TAG epoch E/N  train_loss ..  val_loss ..  val_auc ..  lr ..  S s[  best so far]``.
+
+    ``best so far`` marks an epoch whose weights replace the kept ones (the selection rule improved); the
+    epoch finally kept is the last one so marked (``kept`` in history.csv).
+    """
     parts = [f"{tag} epoch {record['epoch']}/{epochs}"]
     for key, fmt in (("train_loss", ".4f"), ("val_loss", ".4f"), ("val_auc", ".3f"), ("lr", ".2e")):
         if key in record:
@@ -77,7 +81,7 @@ def format_epoch_line(tag: str, record: dict[str, Any], epochs: int, kept: bool)
             parts.append(f"{key} {'nan' if v is None else format(v, fmt)}")
     parts.append(f"{float(record.get('seconds', 0.0)):.1f}s")
     if kept:
-        parts.append("kept")
+        parts.append("best so far")
     return "  ".join(parts)
 
 
