@@ -71,3 +71,17 @@ def test_autocast_follows_the_decision(monkeypatch):
         a = torch.ones(4, 4)
         with autocast(torch.device("cpu"), "auto"):
             assert (a @ a).dtype == dtype
+
+
+def test_resume_fingerprint_holds_the_effective_precision(monkeypatch):
+    """A run made with fp32 resumes under auto where auto means fp32, and not where auto means bf16."""
+    from mmil.config import TrainConfig
+    from mmil.train_state import fingerprint
+
+    def prints(precision: str) -> dict:
+        return fingerprint("abmil", {}, TrainConfig(precision=precision, device="cpu"), ["a"], ["b"])
+
+    monkeypatch.setattr(P, "native_bf16", lambda device: False)
+    assert prints("auto") == prints("fp32") and prints("bf16") != prints("fp32")
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
+    assert prints("auto") == prints("bf16") != prints("fp32")

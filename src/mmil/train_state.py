@@ -25,9 +25,26 @@ LAST_STATE_NAME = "last_state.safetensors"
 RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers", "workers", "log_every", "tensorboard")
 
 
+def effective_precision(requested: str, device: str) -> str:
+    """The precision ``requested`` runs in on ``device`` (``auto`` resolved quietly; an unknown device keeps the text)."""
+    from mmpl.device import resolve_device
+
+    from .precision import choose_precision, native_bf16
+
+    if requested == "fp32":
+        return requested
+    try:
+        dev = resolve_device(device)
+    except Exception:  # noqa: BLE001 - the device is checked (with a clear message) before training starts
+        return requested
+    return choose_precision(requested, dev.type, native_bf16=native_bf16(dev))[0]
+
+
 def fingerprint(model_name: str, model_kwargs: dict, cfg: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict[str, Any]:
     """What a resumed run must share with the run that saved the state."""
     recipe = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    if "precision" in recipe:  # what the arithmetic was, not how it was asked for: fp32 and auto-on-fp32 resume alike
+        recipe["precision"] = effective_precision(cfg.precision, cfg.device)
     if getattr(cfg, "lr_schedule", "constant") != "constant":
         recipe["epochs"] = cfg.epochs  # a decaying schedule spans the epochs: changing them changes every later step
     return json.loads(json.dumps({"model": model_name, "model_kwargs": model_kwargs, "train": recipe, "train_ids": train_ids, "val_ids": val_ids}, default=str))
