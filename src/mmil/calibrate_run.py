@@ -151,6 +151,24 @@ def conformal_thresholds(calib: dict[str, Any], temperature: float, alpha: float
     return conformal_threshold(probs, y, alpha, mondrian=mondrian)
 
 
+def patient_sets(calib: dict[str, Any], temperature: float, probs: np.ndarray, case_ids: Sequence[str], alpha: float, *,
+                 mondrian: bool = False, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Patient-level conformal sets: class k is in patient P's set when ``1 - mean_{slides s of P} p_sk <= q_k``, with
+    ``q_k`` from the validation patients' scores aggregated the same way (:func:`calibration_probs` with ``patient=True``;
+    each validation slide its own patient when the checkpoint stores no case ids, ``threshold_level`` says which).
+    Returns ``case_ids``, patient ``probs`` (P, C), ``labels`` (or None), ``sets`` (P, C), ``thresholds``, ``n_calibration``."""
+    order, p_probs, p_y = by_patient(probs, list(case_ids), labels)
+    q = conformal_thresholds(calib, temperature, alpha, mondrian=mondrian, patient=True)
+    known = bool(calib.get("case_ids"))
+    return {"case_ids": order, "probs": p_probs, "labels": p_y, "sets": prediction_sets(p_probs, q), "thresholds": q,
+            "n_calibration": len(set(calib["case_ids"])) if known else len(calib["labels"]),
+            "threshold_level": "patient" if known else "slide"}
+
+
+PATIENT_THRESHOLD_NOTE = ("the checkpoint stores no case ids for its validation slides, so the patient thresholds are the slide "
+                          "thresholds (each validation slide its own patient): coverage is guaranteed only for one-slide patients")
+
+
 def set_labels(sets: np.ndarray, class_names: Sequence[str] | None = None) -> list[str]:
     """``"normal|tumor"``-style text of each prediction set (class names, indices without them; empty set -> ``""``)."""
     names = [str(c) for c in class_names] if class_names else None
@@ -164,11 +182,9 @@ def conformal_report(calib: dict[str, Any], temperature: float, probs: np.ndarra
     out: dict[str, Any] = {"alpha": alpha, "mondrian": mondrian, "thresholds": q.tolist(), "n_calibration": len(calib["labels"]),
                            "slide": set_metrics(prediction_sets(probs, q), y)}
     if case_ids is not None:
-        _, p_probs, p_y = by_patient(probs, case_ids, y)
-        qp = conformal_thresholds(calib, temperature, alpha, mondrian=mondrian, patient=True)
-        n_cal = len(set(calib["case_ids"])) if calib.get("case_ids") else len(calib["labels"])
-        out["patient"] = dict(set_metrics(prediction_sets(p_probs, qp), p_y), n_patients=len(p_y), n_calibration=n_cal,
-                              thresholds=qp.tolist())
+        ps = patient_sets(calib, temperature, probs, case_ids, alpha, mondrian=mondrian, labels=y)
+        out["patient"] = dict(set_metrics(ps["sets"], ps["labels"]), n_patients=len(ps["labels"]), n_calibration=ps["n_calibration"],
+                              thresholds=ps["thresholds"].tolist(), threshold_level=ps["threshold_level"])
     return out
 
 
@@ -259,6 +275,32 @@ def predictions_table(cfg: dict[str, Any], checkpoint_dir: str | Path, slide_ids
     return buf.getvalue()
 
 
+def patient_predictions_table(cfg: dict[str, Any], checkpoint_dir: str | Path, case_ids: Sequence[str], probs_r: np.ndarray, *,
+                              use_temperature: bool = True, alpha: float | None = None, mondrian: bool = False) -> str:
+    """CSV text ``case_id,n_slides,prob_<class>..,pred_label[,set,abstain]``: the patient means of the calibrated slide
+    probabilities (:func:`mmil.evaluate.patient_predictions_csv`) and, with ``alpha``, the :func:`patient_sets` columns."""
+    import csv
+    import io
+
+    from .evaluate import column_names, patient_predictions_csv
+
+    temperature = temperature_of(cfg, use_temperature)
+    probs, names = calibrated_probs(probs_r, temperature), cfg.get("extra", {}).get("class_names")
+    text = patient_predictions_csv(case_ids, probs, class_names=names)
+    if alpha is None:
+        return text
+    ps = patient_sets(require_calibration(cfg, checkpoint_dir), temperature, probs, case_ids, alpha, mondrian=mondrian)
+    rows = list(csv.reader(io.StringIO(text)))
+    texts = set_labels(ps["sets"], column_names(names, probs.shape[1]))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*rows[0], "set", "abstain"])
+    for row, case, sets, label in zip(rows[1:], ps["case_ids"], ps["sets"], texts):
+        assert row[0] == case, "patient order of patient_predictions_csv and by_patient differ"
+        w.writerow([*row, label, int(sets.sum() != 1)])
+    return buf.getvalue()
+
+
 def calibration_lines(block: dict[str, Any]) -> list[str]:
     """Printable summary of the ``calibration`` block of ``mmil evaluate``."""
     lines = [f"temperature {block['temperature']:.4f}{'' if block['temperature_applied'] else ' (not applied)'}: "
@@ -271,4 +313,6 @@ def calibration_lines(block: dict[str, Any]) -> list[str]:
                 m = conf[level]
                 lines.append(f"{kind}-conformal alpha={conf['alpha']} ({level}s): coverage {m['coverage']:.4f}, "
                              f"mean set size {m['mean_set_size']:.3f}, abstention rate {m['abstention_rate']:.4f}")
+                if m.get("threshold_level") == "slide":
+                    lines.append(f"note: {PATIENT_THRESHOLD_NOTE}")
     return lines

@@ -51,6 +51,7 @@ def _fold(fold_dir: Path, alphas: Sequence[float]) -> dict[str, Any]:
     sets = {(a, m): prediction_sets(probs, conformal_threshold(cal_probs, cal_y, a, mondrian=m)) for a in alphas for m in (False, True)}
     return {"y": y, "sets": sets, "error": (probs.argmax(1) != y).astype(int), "spread": repeat_spread(probs_r),
             "doubt": conformal_doubt(cal_probs, cal_y, probs), "uncertainty": 1 - probs.max(1), "n_cal": len(cal_y),
+            "n_cal_zero": int(np.sum(conformal_scores(cal_probs, cal_y) == 0.0)),
             "calibration": r["metrics"].get("calibration")}
 
 
@@ -60,13 +61,15 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -
     folds = [_fold(d, alphas) for d in sorted(run_dir.glob("fold_*")) if (d / "result.json").is_file()]
     y = np.concatenate([f["y"] for f in folds])
     out: dict[str, Any] = {"run": str(run_dir), "n_test": int(len(y)), "n_folds": len(folds),
-                           "n_calibration_per_fold": [f["n_cal"] for f in folds], "conformal": []}
+                           "n_calibration_per_fold": [f["n_cal"] for f in folds], "conformal": [],
+                           "zero_scores_per_fold": [f["n_cal_zero"] for f in folds]}
     for a in alphas:
         for m in (False, True):
             sets = np.concatenate([f["sets"][(a, m)] for f in folds])
             covered = int(sets[np.arange(len(y)), y].sum())
             low, high = clopper_pearson(covered, len(y))
-            out["conformal"].append({"alpha": a, "mondrian": m, "coverage": covered / len(y), "ci95": [low, high],
+            per_fold = [float(f["sets"][(a, m)][np.arange(len(f["y"])), f["y"]].mean()) for f in folds]
+            out["conformal"].append({"alpha": a, "mondrian": m, "coverage": covered / len(y), "ci95": [low, high], "per_fold": per_fold,
                                      "mean_set_size": float(sets.sum(1).mean()), "abstention_rate": float((sets.sum(1) != 1).mean())})
     err = np.concatenate([f["error"] for f in folds])
     out["n_errors"] = int(err.sum())
@@ -75,22 +78,34 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -
     return out
 
 
+def _ties_note(study: dict[str, Any]) -> str:
+    """A sentence on calibration scores that are exactly 0 (saturated probabilities): tied scores make the conformal
+    threshold 0 and coverage the share of test slides that saturate too, not 1 - alpha."""
+    zeros = study.get("zero_scores_per_fold") or []
+    return f" Calibration scores exactly 0 (p_y = 1 in float64) per fold: {zeros}." if any(zeros) else ""
+
+
 def study_markdown(study: dict[str, Any], name: str) -> str:
     """Markdown tables of one :func:`study_run`."""
     lines = [f"### {name}", "", f"{study['n_folds']} folds, {study['n_test']} out-of-fold test slides, "
-             f"calibration slides per fold: {study['n_calibration_per_fold']}, {study['n_errors']} misclassified.", "",
-             "| alpha | thresholds | coverage | 95% binomial CI | within 0.03 of 1-alpha | mean set size | abstention |",
-             "|---:|---|---:|---|---|---:|---:|"]
+             f"calibration slides per fold: {study['n_calibration_per_fold']}, {study['n_errors']} misclassified."
+             + _ties_note(study), "",
+             "| alpha | thresholds | coverage | 95% binomial CI | within 0.03 of 1-alpha | per fold | mean set size | abstention |",
+             "|---:|---|---:|---|---|---|---:|---:|"]
     for c in study["conformal"]:
         ok = "yes" if abs(c["coverage"] - (1 - c["alpha"])) <= 0.03 else "no"
         lines.append(f"| {c['alpha']} | {'Mondrian' if c['mondrian'] else 'marginal'} | {c['coverage']:.3f} | "
-                     f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {ok} | {c['mean_set_size']:.3f} | {c['abstention_rate']:.3f} |")
+                     f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | {ok} | {' '.join(f'{v:.2f}' for v in c.get('per_fold', []))} | "
+                     f"{c['mean_set_size']:.3f} | {c['abstention_rate']:.3f} |")
     lines += ["", "| fold | T | ECE before | ECE after | Brier before | Brier after |", "|---:|---:|---:|---:|---:|---:|"]
     for k, f in enumerate(study["folds"]):
         lines.append(f"| {k} | {f['temperature']:.3f} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['brier_before']:.4f} | {f['brier_after']:.4f} |")
     mean = {key: np.mean([f[key] for f in study["folds"]]) for key in ("ece_before", "ece_after", "brier_before", "brier_after")}
     lines.append(f"| mean | | {mean['ece_before']:.4f} | {mean['ece_after']:.4f} | {mean['brier_before']:.4f} | {mean['brier_after']:.4f} |")
     a = study["error_auroc"]
+    if study["n_errors"] == 0:
+        lines += ["", "Error-detection AUROC: not defined (no misclassified slide).", ""]
+        return "\n".join(lines)
     lines += ["", f"Error-detection AUROC: repeats spread {a['spread']:.3f}, conformal doubt (Mondrian p-value of the runner-up class) "
               f"{a['doubt']:.3f}, 1 - max probability {a['uncertainty']:.3f}.", ""]
     return "\n".join(lines)

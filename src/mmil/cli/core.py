@@ -167,7 +167,8 @@ def _add_predict(subparsers) -> None:
                            ("--labels", {"help": "label CSV slide_id,label[,case_id] (labels may be empty): predict only its slides, "
                                                  "and know their patients (case_id) for --patient-out"}),
                            ("--patient-out", {"help": "output file: patient-level predictions case_id,n_slides,prob_<class>...,pred_label, "
-                                                      "the mean of each patient's slide probabilities (needs --labels with a case_id column)"})])
+                                                      "the mean of each patient's slide probabilities (needs --labels with a case_id column); "
+                                                      "with --conformal-alpha also each patient's set and abstain, thresholds from the validation patients"})])
 
 
 def _start_inference(args, options):
@@ -215,16 +216,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _write_patient_predictions(path: str, cfg: dict, case_ids, probs_r, use_temperature: bool) -> None:
-    """The patient means of the probabilities written by ``predict`` (calibrated the same way)."""
+def _write_patient_predictions(path: str, cfg: dict, ckpt: Path, case_ids, probs_r, opts) -> None:
+    """The patient means of the probabilities written by ``predict`` (calibrated the same way) and, with
+    ``--conformal-alpha``, each patient's conformal set (:func:`mmil.calibrate_run.patient_sets`)."""
     from mmpl.jsonio import write_text
 
-    from ..calibrate_run import calibrated_probs, temperature_of
-    from ..evaluate import patient_predictions_csv
+    from ..calibrate_run import PATIENT_THRESHOLD_NOTE, patient_predictions_table, require_calibration
 
-    probs = calibrated_probs(probs_r, temperature_of(cfg, use_temperature))
-    write_text(path, patient_predictions_csv(case_ids, probs, class_names=cfg.get("extra", {}).get("class_names")))
+    write_text(path, patient_predictions_table(cfg, ckpt, case_ids, probs_r, use_temperature=opts.temperature,
+                                               alpha=opts.conformal_alpha, mondrian=opts.mondrian))
     print(f"wrote {len(set(case_ids))} patient predictions to {path}")
+    if opts.conformal_alpha is not None and not require_calibration(cfg, ckpt).get("case_ids"):
+        print(f"mmil predict: note: {PATIENT_THRESHOLD_NOTE}", file=sys.stderr)
 
 
 def cmd_predict(args) -> int:
@@ -250,7 +253,7 @@ def cmd_predict(args) -> int:
                                            alpha=opts.conformal_alpha, mondrian=opts.mondrian))
     print(f"wrote {len(dataset)} predictions to {args.out}")
     if args.patient_out:
-        _write_patient_predictions(args.patient_out, cfg, dataset.case_ids, probs_r, opts.temperature)
+        _write_patient_predictions(args.patient_out, cfg, ckpt, dataset.case_ids, probs_r, opts)
     return 0
 
 
