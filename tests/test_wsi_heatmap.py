@@ -19,8 +19,8 @@ from mmil.checkpoint import save_checkpoint  # noqa: E402
 from mmil.cli import main  # noqa: E402
 from mmil.models import create_model  # noqa: E402
 from mmil.wsi.features import write_features_h5  # noqa: E402
-from mmil.wsi.heatmap import (  # noqa: E402
-    bag_scores,
+from mmil.wsi.heatmap import bag_scores  # noqa: E402
+from mmil.wsi.heatmap_geometry import (  # noqa: E402
     grid_step,
     normalize_scores,
     patch_size_from_attrs,

@@ -43,17 +43,12 @@ from mmpl.progress import progress as _progress
 
 from ..errors import MMILInputError
 from ..models.base import model_inputs
-from .heatmap_geometry import (  # noqa: F401 - the geometry is part of this module's interface
+from .heatmap_geometry import (
     NORMALIZATIONS,
     grid_step,
-    normalize_scores,
     patch_size_from_attrs,
-    patch_squares,
-    score_bin,
     score_canvas,
-    score_colour,
     scores_to_geojson,
-    squares_to_coords,
 )
 from .heatmap_render import (
     display_values,
