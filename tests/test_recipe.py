@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -107,3 +109,21 @@ def test_adaptive_batch_and_released_mode():
     assert released(small, seed=0).subbag_valid.sum().item() == 10
     registered = create_model("mmil", in_dim=4, n_classes=2, embed_dim=8, heads=1, head_dim=8)
     assert registered.min_subbag_size == 16 and registered.mask_ratio == 0.6
+
+
+def test_epoch_order_shuffles_or_balances_the_classes():
+    from scipy.stats import binomtest
+
+    from mmil.recipe import epoch_order
+
+    labels = np.array([0] * 90 + [1] * 10)
+    perm = epoch_order(labels, np.random.default_rng(0))
+    assert sorted(perm.tolist()) == list(range(100))
+    draws = np.concatenate([epoch_order(labels, np.random.default_rng(s), balanced=True) for s in range(40)])
+    assert len(draws) == 4000 and draws.min() >= 0 and draws.max() < 100
+    minority = int((labels[draws] == 1).sum())
+    assert binomtest(minority, len(draws), 0.5).pvalue > 1e-4  # about half the draws, not a tenth
+    within = np.bincount(draws[labels[draws] == 1] - 90, minlength=10)
+    assert within.min() > 0.5 * within.mean()  # uniform within the class
+    same = epoch_order(labels, np.random.default_rng(7), balanced=True)
+    np.testing.assert_array_equal(same, epoch_order(labels, np.random.default_rng(7), balanced=True))  # a function of the seed

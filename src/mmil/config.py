@@ -28,6 +28,9 @@ from .errors import MMILInputError
 from .precision import PRECISIONS
 from .recipe import SCHEDULES, SELECTIONS
 
+#: ``TrainConfig.center_slides`` choices.
+CENTERINGS = ("auto", "median", "none")
+
 __all__ = ["PRECISIONS", "ExperimentConfig", "TrainConfig"]
 
 
@@ -68,12 +71,16 @@ class TrainConfig(ConfigFile):
         standardize: z-score features with statistics of the training bags;
             ``None`` = automatic (on for MIL-benchmark CSVs, whose features are
             raw measurements, off for slide features from an encoder).
+        center_slides: ``"median"``: every bag's features minus the bag's per-feature median
+            (:func:`mmil.data.dataset.center_on_median`), at training and inference; ``"auto"``: median
+            for slide features, none for MIL-benchmark CSVs (small bags of raw measurements).
         grad_clip: clip the gradient norm to this value (``None`` = off, the default).
         selection, select_window, select_min_epoch, select_margin: which epoch's weights are
             kept (:class:`mmil.recipe.ModelSelector`; ``selection="loss"``, ``select_min_epoch=1``
             is the recipe before issue 10).
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
+        balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
         num_workers: DataLoader workers reading bags in the background.
         workers: folds (bench: folds x models) run in this many processes (:mod:`mmil.parallel`); does not change results.
         progress: show progress bars (only on a terminal).
@@ -97,6 +104,9 @@ class TrainConfig(ConfigFile):
     val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
                                  type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
     standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
+    center_slides: str = option("auto", help="subtract each slide's per-feature median from its instances before training and "
+                                "inference (auto: on for slide features, off for MIL-benchmark CSVs; turn it off where the label is a "
+                                "property of the whole slide's tissue, e.g. subtyping: docs/benchmarks.md)", choices=CENTERINGS)
     grad_clip: float | None = option(None, help="clip the gradient norm to this value (null: off; measured harmful with the cosine schedule, docs/benchmarks.md)", type=positive_float, cli=False)
     selection: str = option("auc", help="model selection: auc (smoothed validation AUC, loss as tie-break) or loss (lowest validation loss)",
                             choices=SELECTIONS, cli=False)
@@ -111,6 +121,8 @@ class TrainConfig(ConfigFile):
                                      type=Range(float, 0, 1, high_open=True), cli=False)
     feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
                                   type=non_negative_float, cli=False)
+    balanced_sampling: bool = option(False, help="draw each epoch's bags with replacement, every class equally often (CLAM's weighted "
+                                     "sampler); off: each bag once, shuffled")
     num_workers: int = option(0, help="background workers reading bags", type=non_negative_int, metavar="N")
     workers: int = option(1, help="folds (and bench models) trained in K processes, the CPU threads split between them; under torchrun: "
                                   "K > 1 spreads the folds over the ranks, 1 trains each fold data-parallel on all ranks (mmil.ddp)",
@@ -136,6 +148,8 @@ class TrainConfig(ConfigFile):
             raise MMILInputError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.lr_schedule not in SCHEDULES:
             raise MMILInputError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.center_slides not in CENTERINGS:
+            raise MMILInputError(f"center_slides must be one of {', '.join(CENTERINGS)}, got {self.center_slides!r}")
 
 
 

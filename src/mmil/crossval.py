@@ -37,7 +37,7 @@ from .plots import plot_roc
 from . import ddp
 from .parallel import run_folds
 from .rng import private_rng
-from .train import LAST_STATE_NAME, train_fold
+from .train import LAST_STATE_NAME, resolve_centering, train_fold
 
 RESULT_NAME = "result.json"
 
@@ -194,15 +194,17 @@ def clear_run_directory(out_dir: Path, *, remove_dir: bool = False) -> None:
         out_dir.rmdir()
 
 
-def _check_model(dataset: BagDataset, model_name: str, kwargs: dict[str, Any]) -> None:
-    """Build the model once, so bad model options fail before anything is written."""
+def _check_model(dataset: BagDataset, model_name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The model options without ``in_dim``/``n_classes``; the model is built once, so bad options fail before anything is written."""
     from .models import create_model
 
+    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
     try:
         with private_rng():
             create_model(model_name, in_dim=dataset.in_dim, n_classes=dataset.n_classes, **kwargs)
     except TypeError as err:
         raise MMILInputError(f"{err}; check the model options") from None
+    return kwargs
 
 
 def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_splits: bool, splits_dir: str | Path | None = None) -> list[FoldSplit]:
@@ -303,8 +305,8 @@ def cross_validate(
     dataset.require_labels("training")
     if repeats < 1:
         raise MMILInputError(f"--repeats must be >= 1, got {repeats}")
-    kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
-    _check_model(dataset, model_name, kwargs)
+    kwargs = _check_model(dataset, model_name, model_kwargs)
+    dataset = dataset.with_centering(resolve_centering(cfg, dataset))  # every fold's train, validation and test bags
     plan = _plan(dataset, cfg, folds, seed, use_splits, splits_dir)
     if experiment is None:
         experiment = ExperimentConfig(model=model_name, model_kwargs=dict(kwargs), train=cfg, folds=max(folds, 2), repeats=repeats, seed=seed, use_splits=use_splits,

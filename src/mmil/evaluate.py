@@ -154,7 +154,7 @@ def load_for_inference(checkpoint_dir: str | Path, dataset, *, device: str | tor
 
     Checks the feature dimension against the checkpoint's ``in_dim`` (one-line
     error naming both), re-codes labels with the checkpoint's class names and
-    applies the feature standardisation stored at training time.
+    applies the slide centring and feature standardisation stored at training time.
     Returns ``(model, dataset, config)``.
     """
     from .checkpoint import load_checkpoint, read_checkpoint_config
@@ -183,6 +183,8 @@ def load_for_inference(checkpoint_dir: str | Path, dataset, *, device: str | tor
             dataset.class_names = list(names)
     elif dataset.n_classes > int(cfg["model_kwargs"]["n_classes"]):
         raise MMILInputError(f"{dataset.source}: {dataset.n_classes} classes but the checkpoint's model has {cfg['model_kwargs']['n_classes']}")
+    if extra.get("center_slides") == "median":  # as at training time (mmil.data.dataset.center_on_median)
+        dataset = dataset.with_centering(True)
     std = extra.get("standardize")
     if std:
         dataset = dataset.with_standardization(np.asarray(std["mean"], np.float32), np.asarray(std["std"], np.float32))

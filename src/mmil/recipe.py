@@ -5,6 +5,7 @@ Pure functions and one small state machine, so that each has closed-form tests:
 * :func:`lr_factor`: linear warm-up, then constant or cosine decay, as a factor of the base rate.
 * :func:`augment_bag`: per-step instance dropout (a random subset of the bag's instances, stored
   order kept) and Gaussian feature noise scaled by the bag's per-feature standard deviation.
+* :func:`epoch_order`: the bags of an epoch, shuffled, or drawn class-balanced.
 * :class:`ModelSelector`: which epoch's weights to keep and when to stop (see its docstring).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from .data.bags import Bag
@@ -70,6 +72,22 @@ def augment_bag(bag: Bag, seed: int, instance_dropout: float = 0.0, feature_nois
         scale = x.float().std(dim=0, unbiased=False)
         x = x + feature_noise * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
     return replace(bag, features=x, coords=coords, groups=groups)
+
+
+def epoch_order(labels, rng, balanced: bool = False):
+    """Indices of the bags of one epoch, as many as there are bags.
+
+    ``balanced=False``: a permutation. ``balanced=True``: ``n`` draws with replacement with
+    ``P(i) = 1 / (K n_{y_i})`` (K classes present, ``n_c`` bags of class c), so every class is drawn
+    with probability ``1 / K`` per step whatever its share (CLAM's weighted sampler).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not balanced:
+        return rng.permutation(n)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    p = 1.0 / (len(counts) * counts[inverse])
+    return rng.choice(n, size=n, replace=True, p=p / p.sum())
 
 
 @dataclass

@@ -44,7 +44,7 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, epoch_criterion, lr_factor
+from .recipe import ModelSelector, augment_bag, epoch_criterion, epoch_order, lr_factor
 from .rng import private_rng, seed_global_rng
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
@@ -117,6 +117,11 @@ def nll_of_probs(probs: np.ndarray, y: np.ndarray, weights: np.ndarray | None = 
     p = np.clip(np.asarray(probs, dtype=np.float64)[np.arange(len(y)), y], 1e-12, None)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)[y]
     return float((w * -np.log(p)).sum() / w.sum())
+
+
+def resolve_centering(cfg: TrainConfig, dataset: BagDataset) -> bool:
+    """``cfg.center_slides`` as a yes/no for ``dataset``: auto = on except for MIL-benchmark CSV features."""
+    return cfg.center_slides == "median" or (cfg.center_slides == "auto" and dataset.kind != KIND_BENCHMARK)
 
 
 def resolve_standardize(cfg: TrainConfig, dataset: BagDataset) -> bool:
@@ -219,7 +224,7 @@ class _FoldTrainer:
         """One pass over the training bags in the epoch's order; returns the epoch's training loss and accuracy."""
         cfg, model, optimizer = self.cfg, self.model, self.optimizer
         seed_global_rng(derived_seed(cfg.seed, epoch, 1, *([self.rank] if self.rank else [])), self.device)  # dropout
-        order = np.random.default_rng(derived_seed(cfg.seed, epoch, 2)).permutation(len(self.train_set))
+        order = epoch_order(self.train_set.labels, np.random.default_rng(derived_seed(cfg.seed, epoch, 2)), cfg.balanced_sampling)
         order, positions = ddp.rank_share(order, self.rank, self.world)  # this rank's bags (all of them without torchrun)
         n = len(order)
         loader = torch.utils.data.DataLoader(self.train_set, batch_size=None, sampler=order.tolist(), num_workers=cfg.num_workers,
@@ -290,7 +295,8 @@ class _FoldTrainer:
             self.train_set = self.train_set.with_standardization(*std)
             self.val_set = None if self.val_set is None else self.val_set.with_standardization(*std)
         ckpt_extra = {"train": cfg.to_dict(), "class_names": self.train_set.class_names, "monitor": self.monitor,
-                      "standardize": None if std is None else {"mean": std[0].tolist(), "std": std[1].tolist()}, **(self.extra or {})}
+                      "standardize": None if std is None else {"mean": std[0].tolist(), "std": std[1].tolist()},
+                      "center_slides": "median" if self.train_set.centering else None, **(self.extra or {})}
         bar = progress_bar(cfg.progress and self.rank == 0, cfg.epochs, f"training {self.model_name}")
         if bar is not None:
             bar.update(s.start_epoch - 1)

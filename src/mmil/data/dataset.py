@@ -50,6 +50,8 @@ class BagDataset(Dataset):
         in_dim: feature dimension C.
         kind: ``"slides"``, ``"benchmark"`` (MIL CSV) or ``"memory"``.
         standardization: ``(mean, std)`` applied to every bag's features, or ``None``.
+        centering: subtract each bag's per-feature median from its features (before the
+            standardization): :func:`center_on_median`.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class BagDataset(Dataset):
         kind: str = KIND_MEMORY,
         source: str | None = None,
         standardization: tuple[np.ndarray, np.ndarray] | None = None,
+        centering: bool = False,
     ) -> None:
         self._entries = list(entries)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -76,6 +79,7 @@ class BagDataset(Dataset):
         self.kind = kind
         self.source = source
         self.standardization = standardization
+        self.centering = bool(centering)
         if len(self.labels) != len(self._entries):
             raise ValueError("one label per bag is required")
 
@@ -103,6 +107,8 @@ class BagDataset(Dataset):
             features, coords, groups = raw.features, raw.coords, raw.groups
         else:
             features, coords, groups = e.features, e.coords, e.groups
+        if self.centering:
+            features = center_on_median(features)
         if self.standardization is not None:
             mean, std = self.standardization
             features = ((features - mean) / std).astype(np.float32)
@@ -130,6 +136,7 @@ class BagDataset(Dataset):
             kind=self.kind,
             source=self.source,
             standardization=self.standardization,
+            centering=self.centering,
         )
 
     def with_standardization(self, mean: np.ndarray | None, std: np.ndarray | None) -> "BagDataset":
@@ -145,6 +152,12 @@ class BagDataset(Dataset):
             if mean.shape != (self.in_dim,) or std.shape != (self.in_dim,):
                 raise MMILInputError(f"standardization statistics have dimension {mean.shape[0]}, the features {self.in_dim}; the checkpoint was trained on other features")
             view.standardization = (mean, std)
+        return view
+
+    def with_centering(self, on: bool) -> "BagDataset":
+        """A view whose bags are (``on``) or are not centred on their own median (:func:`center_on_median`)."""
+        view = self.subset(range(len(self)))
+        view.splits, view.fold_ids, view.centering = self.splits, self.fold_ids, bool(on)
         return view
 
     def with_class_names(self, class_names: Sequence[str]) -> "BagDataset":
@@ -343,6 +356,18 @@ def _common_feature_dim(paths: list[Path]) -> int:
     return next(iter(dims))
 
 
+def center_on_median(features: np.ndarray) -> np.ndarray:
+    """``x_ij - median_i(x_ij)``: every feature of a bag relative to the bag's own median (float32).
+
+    Why (docs/benchmarks.md, recipe of issue 10): a per-slide offset (stain, scanner, tissue mix)
+    lets a model memorise the training slides instead of finding the few instances that differ;
+    the median of a bag whose positive instances are a minority is that of its normal tissue, so
+    the centring removes the offset and keeps the positives' shift.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    return x - np.median(x, axis=0, keepdims=True) if len(x) else x
+
+
 def feature_moments(dataset: BagDataset, min_std: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and standard deviation over all instances of ``dataset``.
 
@@ -366,4 +391,4 @@ def feature_moments(dataset: BagDataset, min_std: float = 1e-6) -> tuple[np.ndar
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-__all__ = ["BagDataset", "load_dataset", "feature_moments", "KIND_BENCHMARK", "KIND_SLIDES", "KIND_MEMORY"]
+__all__ = ["BagDataset", "load_dataset", "feature_moments", "center_on_median", "KIND_BENCHMARK", "KIND_SLIDES", "KIND_MEMORY"]
