@@ -1,0 +1,131 @@
+"""Does a recipe change make the MIL models learn a small tumour? Learning curves over seeds (issue 10).
+
+One cohort is generated in memory and split once: the first ``--train`` slides train, the rest
+validate. For every model, every variant and every seed the toolkit's own training loop
+(:func:`mmil.train.train_fold`, the default recipe of ``TrainConfig`` with no early stopping) runs
+``--epochs`` epochs and records the validation AUC after each. The table gives, per model and variant,
+the mean over seeds of the last five epochs' AUC ("late AUC": what the run learned, free of the
+selection rule) and of the best epoch's AUC, and in how many seeds the late AUC reached 0.9.
+A validation set of 40 slides is used instead of cross-validation because here the question is
+whether a run learns, not how well a kept model generalises: the bench answers that.
+
+Variants (``--variants``, one change at a time against the default):
+
+* ``default``: the defaults (slide centring on: slide features);
+* ``no-centring``: ``center_slides: none``;
+* ``no-augment``: ``instance_dropout: 0, feature_noise: 0``;
+* ``no-mask``: MMIL without sub-bag masking (``mask_ratio: 0``; other models skip it);
+* ``lr-5e-4``: learning rate 5e-4 instead of 2e-4.
+
+Cohorts: ``setting-c`` (``mmil synth`` defaults with 150-750 instances, 1-3 % tumour, signal 8, 128-d:
+the scaled-down setting C of docs/benchmarks.md) and ``camelyon-like`` (``--preset camelyon-like
+--scale 0.05``, signal 8, 64-d). MMIL runs at width 128 (4 heads of 32) on this CPU; say so when quoting.
+
+Usage::
+
+    python benchmarks/recipe_ablation.py --out ablation --cohort setting-c --seeds 0 1 2
+    python benchmarks/recipe_ablation.py --out ablation --cohort camelyon-like --slides 120 --train 80
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mmil.config import TrainConfig  # noqa: E402
+from mmil.data import BagDataset  # noqa: E402
+from mmil.data.bags import Bag  # noqa: E402
+from mmil.data.synth import synthetic_bags  # noqa: E402
+from mmil.train import train_fold  # noqa: E402
+
+VARIANTS = {
+    "default": ({}, {}),
+    "no-centring": ({"center_slides": "none"}, {}),
+    "no-augment": ({"instance_dropout": 0.0, "feature_noise": 0.0}, {}),
+    "no-mask": ({}, {"mmil": {"mask_ratio": 0.0}}),
+    "lr-5e-4": ({"lr": 5e-4}, {}),
+}
+MODEL_KWARGS = {"mmil": {"embed_dim": 128, "heads": 4, "head_dim": 32}}
+
+
+def cohort(name: str, n_slides: int) -> BagDataset:
+    """The cohort's bags in memory (seed 0), with its oracle AUC where the generator knows it."""
+    if name == "setting-c":
+        bags = synthetic_bags(n_slides, 0, in_dim=128, min_instances=150, max_instances=750, positive_fraction=(0.01, 0.03), signal=8.0)
+        return BagDataset.from_bags(bags)
+    from mmil.data.synth_camelyon import CamelyonLikeSpec, camelyon_like_slides
+
+    rows = list(camelyon_like_slides(n_slides, 0, CamelyonLikeSpec(in_dim=64, signal=8.0, scale=0.05), 0.5, 1))
+    return BagDataset.from_bags([Bag(r[0], torch.from_numpy(r[3]), r[2]) for r in rows])
+
+
+def run_one(data: BagDataset, n_train: int, model: str, variant: str, seed: int, epochs: int, work: Path) -> list[float]:
+    """Validation AUC after every epoch of one run (the toolkit's loop, no early stopping)."""
+    train_over, kwargs_over = VARIANTS[variant]
+    cfg = TrainConfig(epochs=epochs, min_epochs=epochs, patience=epochs, seed=seed, progress=False, log_every=0, **train_over)
+    centred = data.with_centering(cfg.center_slides != "none")  # what cross_validate resolves for slide features
+    kwargs = {**MODEL_KWARGS.get(model, {}), **kwargs_over.get(model, {})}
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        res = train_fold(centred.subset(range(n_train)), centred.subset(range(n_train, len(data))), model, kwargs, cfg, tmp)
+    return [float(h["val_auc"]) for h in res.history]
+
+
+def summarise(curves: dict[tuple[str, str], list[list[float]]]) -> str:
+    """The markdown table: per (model, variant) late AUC, best AUC (mean ± std over seeds), seeds reaching 0.9."""
+    lines = ["| model | variant | late AUC (last 5 epochs) | best-epoch AUC | seeds with late AUC >= 0.9 |", "|---|---|---|---|---|"]
+    for (model, variant), runs in curves.items():
+        late = np.array([np.mean(c[-5:]) for c in runs])
+        best = np.array([np.max(c) for c in runs])
+        lines.append(f"| {model} | {variant} | {late.mean():.3f} ± {late.std():.3f} | {best.mean():.3f} ± {best.std():.3f} | "
+                     f"{int((late >= 0.9).sum())} / {len(runs)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for curves.json and ablation.md (reruns skip finished runs)")
+    p.add_argument("--cohort", choices=("setting-c", "camelyon-like"), default="setting-c")
+    p.add_argument("--slides", type=int, default=80)
+    p.add_argument("--train", type=int, default=40, help="the first N slides train, the rest validate")
+    p.add_argument("--models", nargs="+", default=["mmil", "abmil", "max"])
+    p.add_argument("--variants", nargs="+", default=["default", "no-centring"], choices=tuple(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / f"curves_{a.cohort}.json"
+    done = json.loads(store.read_text()) if store.is_file() else {}
+    data = cohort(a.cohort, a.slides)
+    curves: dict[tuple[str, str], list[list[float]]] = {}
+    for model in a.models:
+        for variant in a.variants:
+            if variant == "no-mask" and model != "mmil":
+                continue
+            for seed in a.seeds:
+                key = f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}"
+                if key not in done:
+                    t0 = time.perf_counter()
+                    done[key] = run_one(data, a.train, model, variant, seed, a.epochs, out)
+                    store.write_text(json.dumps(done))
+                    print(f"{key}: late AUC {np.mean(done[key][-5:]):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                curves.setdefault((model, variant), []).append(done[key])
+    table = summarise(curves)
+    (out / f"ablation_{a.cohort}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
