@@ -21,6 +21,7 @@ from mmpl.config import coerce, flag_fields, flag_name, option, read_yaml_mappin
 from mmpl.device import DEVICE_HELP
 
 from .errors import PruneLimitError
+from .geometry import LOMP_MIN_SHARE
 from .regularize import SCHEDULES
 
 P0_MODES = ("auto", "on", "off")
@@ -116,9 +117,9 @@ class RunConfig:
                      help="null-mass correction from Hessian rows: auto = on for conv nets, off for FC nets")
     p0_threshold: float = option(1e-7, type=Range(float, 0), cli=False, help="a Hessian row whose L1 norm is below this is null")
     # LOMP regime: the share of prunable weights with |w| < regime_tol must reach
-    # regime_min_share * p*, else the report warns that the prediction is likely too high.
+    # regime_min_share * p*, else the report warns that the prediction is unreliable (0.7: docs/fidelity.md).
     regime_tol: float = option(1e-3, type=Range(float, 0, low_open=True), cli=False, help="|w| below this is near zero")
-    regime_min_share: float = option(0.5, type=Range(float, 0, 1), cli=False,
+    regime_min_share: float = option(LOMP_MIN_SHARE, type=Range(float, 0, 1), cli=False,
                                      help="the near-zero share needed for the LOMP regime, as a fraction of p*")
     # actual threshold
     tolerance: float = option(0.01, type=Range(float, 0, 1, high_open=True),

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .geometry import (
-    as_weights, check_eps, check_p0, gaussian_width_ratio, lomp_regime, radius_curve, solve_threshold, spectral_measure,
-    threshold_sensitivity, trace_bound, trace_value,
+    LOMP_MIN_SHARE, as_weights, check_eps, check_p0, gaussian_width_ratio, lomp_regime, radius_curve, solve_threshold,
+    spectral_measure, threshold_sensitivity, trace_bound, trace_value,
 )
 
 __all__ = ["ThresholdPrediction", "predict_limit", "predict_threshold"]
@@ -54,7 +54,7 @@ class ThresholdPrediction:
 
 
 def predict_limit(weights_or_model, epsilon: float, spectrum, *, p0: float = 0.0, trace=None, params=None,
-                  regime_tol: float = 1e-3, regime_min_share: float = 0.5,
+                  regime_tol: float = 1e-3, regime_min_share: float = LOMP_MIN_SHARE,
                   sensitivity_factors: Sequence[float] = (0.5, 2.0), num_grid: int = 201) -> ThresholdPrediction:
     """Predicted one-shot pruning limit p*: the root of G(R(p)) = p (see :mod:`prunelimit.geometry`).
 
