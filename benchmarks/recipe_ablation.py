@@ -46,7 +46,7 @@ from mmil.config import TrainConfig  # noqa: E402
 from mmil.data import BagDataset  # noqa: E402
 from mmil.data.bags import Bag  # noqa: E402
 from mmil.data.synth import synthetic_bags  # noqa: E402
-from mmil.train import train_fold  # noqa: E402
+from mmil.train import resolve_centering, train_fold  # noqa: E402
 
 VARIANTS = {
     "default": ({}, {}),
@@ -74,7 +74,7 @@ def run_one(data: BagDataset, n_train: int, model: str, variant: str, seed: int,
     """Validation AUC after every epoch of one run (the toolkit's loop, no early stopping)."""
     train_over, kwargs_over = VARIANTS[variant]
     cfg = TrainConfig(epochs=epochs, min_epochs=epochs, patience=epochs, seed=seed, progress=False, log_every=0, **train_over)
-    centred = data.with_centering(cfg.center_slides != "none")  # what cross_validate resolves for slide features
+    centred = data.with_centering(resolve_centering(cfg, data))  # as cross_validate does
     kwargs = {**MODEL_KWARGS.get(model, {}), **kwargs_over.get(model, {})}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         res = train_fold(centred.subset(range(n_train)), centred.subset(range(n_train, len(data))), model, kwargs, cfg, tmp)

@@ -276,8 +276,12 @@ def lomp_regime_check(near_zero_fraction: float, predicted_ratio: float | None =
     near_zero_fraction is the share of prunable weights with |w| < tol (1e-3). With the default
     min_share = 0.7 this flags every run of docs/fidelity.md whose |predicted - actual| exceeded 0.05.
     """
-    need = min_share * (predicted_ratio if predicted_ratio is not None else 1.0)
-    return bool(near_zero_fraction >= need)
+    return bool(near_zero_fraction >= lomp_regime_need(predicted_ratio, min_share))
+
+
+def lomp_regime_need(predicted_ratio: float | None = None, min_share: float = LOMP_MIN_SHARE) -> float:
+    """The near-zero share the LOMP regime needs: ``min_share * p*`` (``min_share`` without p*)."""
+    return min_share * (predicted_ratio if predicted_ratio is not None else 1.0)
 
 
 def lomp_regime(weights, predicted_ratio: float | None = None, tol: float = 1e-3,
@@ -290,7 +294,7 @@ def lomp_regime(weights, predicted_ratio: float | None = None, tol: float = 1e-3
     pipeline, mmil and :func:`~prunelimit.prediction.predict_limit` all come here.
     """
     frac = lomp_regime_fraction(weights, tol)
-    need = min_share * (predicted_ratio if predicted_ratio is not None else 1.0)
+    need = lomp_regime_need(predicted_ratio, min_share)
     ok = lomp_regime_check(frac, predicted_ratio, min_share)
     if ok:
         msg = f"{frac:.1%} of prunable weights have |w| < {tol:g}: inside the LOMP regime"
