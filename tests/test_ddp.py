@@ -27,9 +27,10 @@ def _data() -> BagDataset:
     return BagDataset.from_bags(synthetic_bags(4, seed=5, in_dim=6, min_instances=5, max_instances=12, signal=4.0))
 
 
-def _cfg(accumulate: int) -> TrainConfig:
+def _cfg(accumulate: int, pseudo_bags: int = 1) -> TrainConfig:
     # augmentation on: its seeds follow the bag's position in the global order, on every rank
-    return TrainConfig(epochs=1, accumulate=accumulate, lr=1e-2, progress=False, instance_dropout=0.25, feature_noise=0.1)
+    return TrainConfig(epochs=1, accumulate=accumulate, lr=1e-2, progress=False, instance_dropout=0.25, feature_noise=0.1,
+                       pseudo_bags=pseudo_bags)
 
 
 def _free_port() -> int:
@@ -38,11 +39,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _rank(rank: int, world: int, port: int, out_dir: str, pseudo_bags: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        train_fold(_data(), None, MODEL, KWARGS, _cfg(accumulate=1), out_dir)
+        train_fold(_data(), None, MODEL, KWARGS, _cfg(accumulate=1, pseudo_bags=pseudo_bags), out_dir)
     finally:
         dist.destroy_process_group()
 
@@ -58,12 +59,13 @@ def test_rank_share_covers_the_padded_order(n, world):
         assert np.array_equal(bags, order[pos % n])
 
 
-def test_two_gloo_ranks_equal_one_process_accumulating_their_bags(tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+@pytest.mark.parametrize("pseudo_bags", [1, 2])  # 2: each rank's bag is two backward passes, only the last all-reduces
+def test_two_gloo_ranks_equal_one_process_accumulating_their_bags(tmp_path, pseudo_bags):
+    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path / "ddp"), pseudo_bags), nprocs=2, join=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # one optimiser step = bags 2s and 2s + 1 of the epoch's order, their losses halved
-        train_fold(_data(), None, MODEL, KWARGS, _cfg(accumulate=2), tmp_path / "single")
+        train_fold(_data(), None, MODEL, KWARGS, _cfg(accumulate=2, pseudo_bags=pseudo_bags), tmp_path / "single")
     finally:
         torch.set_num_threads(previous)
     ddp = load_file(tmp_path / "ddp" / "checkpoint" / "model.safetensors")

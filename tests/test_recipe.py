@@ -111,6 +111,27 @@ def test_adaptive_batch_and_released_mode():
     assert registered.min_subbag_size == 16 and registered.mask_ratio == 0.6
 
 
+@pytest.mark.parametrize("n, k", [(10, 3), (7, 7), (3, 5), (1, 4), (9, 1)])
+def test_pseudo_bags_partition_the_bag(n, k):
+    from mmil.recipe import pseudo_bags
+
+    x = torch.arange(n, dtype=torch.float32).unsqueeze(1) * torch.ones(1, 3)
+    coords = torch.stack([torch.arange(n), -torch.arange(n)], 1)
+    bag = Bag("s", x, 1, coords=coords, groups=torch.arange(n) % 2)
+    parts = pseudo_bags(bag, k, seed=11)
+    assert len(parts) == (min(k, n) if n > 1 else 1) and all(p.label == 1 and p.slide_id == "s" for p in parts)
+    rows = [p.features[:, 0].long() for p in parts]
+    assert torch.equal(torch.cat(rows).sort().values, torch.arange(n))  # disjoint and complete
+    assert max(map(len, rows)) - min(map(len, rows)) <= 1  # near-equal sizes
+    for p, r in zip(parts, rows):
+        assert torch.equal(r, r.sort().values)  # stored order kept
+        assert torch.equal(p.coords[:, 0], r) and torch.equal(p.groups, r % 2)  # coords and groups follow
+    again = pseudo_bags(bag, k, seed=11)
+    assert all(torch.equal(a.features, b.features) for a, b in zip(parts, again))
+    if 2 < k < n:  # another seed, another split
+        assert any(not torch.equal(a.features, b.features) for a, b in zip(parts, pseudo_bags(bag, k, seed=12)))
+
+
 def test_epoch_order_shuffles_or_balances_the_classes():
     from scipy.stats import binomtest
 

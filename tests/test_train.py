@@ -15,7 +15,7 @@ from mmil.data.synth import synthetic_bags
 from mmil.errors import MMILInputError
 from mmil.evaluate import predict_probs
 from mmil.models import create_model
-from mmil.recipe import ModelSelector
+from mmil.recipe import ModelSelector, epoch_order, pseudo_bags
 from mmil.train import LAST_STATE_NAME, class_weight_vector, derived_seed, nll_of_probs, train_fold
 from mmil_toys import register_toys, state_equal
 
@@ -158,6 +158,31 @@ def test_accumulation_equals_one_step_on_the_mean_gradient(tmp_path):
     train_fold(ds, None, TOY, {}, _cfg(epochs=1, accumulate=1), tmp_path / "single")
     single = load_file(str(tmp_path / "single" / LAST_STATE_NAME))
     assert not torch.allclose(single["model/head.weight"], trained["model/head.weight"])
+
+
+def test_pseudo_bags_average_the_losses_of_the_parts(tmp_path):
+    """pseudo_bags=3: one step on the mean over bags of the mean loss of each bag's three random parts."""
+    ds = _easy(4)
+    cfg = _cfg(epochs=1, accumulate=4, pseudo_bags=3)
+    train_fold(ds, None, TOY, {}, cfg, tmp_path)
+    torch.manual_seed(cfg.seed)
+    ref = create_model(TOY, in_dim=ds.in_dim, n_classes=2)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = epoch_order(ds.labels, np.random.default_rng(derived_seed(cfg.seed, 1, 2)))
+    for step, i in enumerate(order):
+        bag = ds[int(i)]
+        parts = pseudo_bags(bag, 3, derived_seed(cfg.seed, 1, 7, step))
+        assert sorted(len(p.features) for p in parts) == sorted([len(bag.features) // 3 + (j < len(bag.features) % 3) for j in range(3)])
+        for part in parts:
+            (ref.loss(ref(part.features.unsqueeze(0)), torch.tensor([bag.label])) / 12).backward()
+    opt.step()
+    trained = load_file(str(tmp_path / LAST_STATE_NAME))
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(trained[f"model/{k}"], v, rtol=1e-5, atol=1e-6)
+    # whole bags: another loss (Adam's first step, about lr * sign(gradient), may coincide)
+    whole = train_fold(ds, None, TOY, {}, _cfg(epochs=1, accumulate=4), tmp_path / "whole")
+    split = train_fold(ds, None, TOY, {}, cfg, tmp_path)  # resumes: nothing left to train
+    assert abs(whole.history[0]["train_loss"] - split.history[0]["train_loss"]) > 1e-4
 
 
 def test_benchmark_csv_standardized_with_training_statistics(tmp_path):

@@ -81,6 +81,7 @@ class TrainConfig(ConfigFile):
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
+        pseudo_bags: split each training bag into this many random pseudo-bags carrying its label (:func:`mmil.recipe.pseudo_bags`).
         num_workers: DataLoader workers reading bags in the background.
         workers: folds (bench: folds x models) run in this many processes (:mod:`mmil.parallel`); does not change results.
         progress: show progress bars (only on a terminal).
@@ -123,6 +124,8 @@ class TrainConfig(ConfigFile):
                                   type=non_negative_float, cli=False)
     balanced_sampling: bool = option(False, help="draw each epoch's bags with replacement, every class equally often (CLAM's weighted "
                                      "sampler); off: each bag once, shuffled")
+    pseudo_bags: int = option(1, help="split each training bag, every step, into K random pseudo-bags that carry its label "
+                              "(DTFD-MIL; more, smaller training bags for small cohorts); 1: off", type=positive_int, metavar="K")
     num_workers: int = option(0, help="background workers reading bags", type=non_negative_int, metavar="N")
     workers: int = option(1, help="folds (and bench models) trained in K processes, the CPU threads split between them; under torchrun: "
                                   "K > 1 spreads the folds over the ranks, 1 trains each fold data-parallel on all ranks (mmil.ddp)",

@@ -5,6 +5,7 @@ Pure functions and one small state machine, so that each has closed-form tests:
 * :func:`lr_factor`: linear warm-up, then constant or cosine decay, as a factor of the base rate.
 * :func:`augment_bag`: per-step instance dropout (a random subset of the bag's instances, stored
   order kept) and Gaussian feature noise scaled by the bag's per-feature standard deviation.
+* :func:`pseudo_bags`: a bag split at random into K disjoint pseudo-bags that carry its label (DTFD-MIL's tier 1).
 * :func:`epoch_order`: the bags of an epoch, shuffled, or drawn class-balanced.
 * :class:`ModelSelector`: which epoch's weights to keep and when to stop (see its docstring).
 """
@@ -64,14 +65,34 @@ def augment_bag(bag: Bag, seed: int, instance_dropout: float = 0.0, feature_nois
     x, coords, groups = bag.features, bag.coords, bag.groups
     n = x.shape[0]
     if instance_dropout > 0 and n > 1:
-        keep = torch.randperm(n, generator=g)[: kept_instances(n, instance_dropout)].sort().values
-        x = x[keep]
-        coords = None if coords is None else coords[keep]
-        groups = None if groups is None else groups[keep]
+        kept = take_instances(bag, torch.randperm(n, generator=g)[: kept_instances(n, instance_dropout)])
+        x, coords, groups = kept.features, kept.coords, kept.groups
     if feature_noise > 0 and x.shape[0] > 1:
         scale = x.float().std(dim=0, unbiased=False)
         x = x + feature_noise * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
     return replace(bag, features=x, coords=coords, groups=groups)
+
+
+def pseudo_bags(bag: Bag, k: int, seed: int) -> list[Bag]:
+    """``bag`` split into ``min(k, n)`` disjoint pseudo-bags that each carry its label (DTFD-MIL).
+
+    A uniformly random permutation of the ``n`` instances (generator seeded by ``seed``) is cut
+    into parts of ``floor(n / k)`` or ``ceil(n / k)`` instances; each part keeps the stored order
+    (coords and groups follow). ``k = 1`` returns ``[bag]``. A positive bag's tumour may miss a
+    part, which then carries a wrong label: the reason DTFD-MIL distils, and the reason this is off by default.
+    """
+    n = bag.features.shape[0]
+    if k <= 1 or n <= 1:
+        return [bag]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return [take_instances(bag, idx) for idx in torch.tensor_split(order, min(k, n))]
+
+
+def take_instances(bag: Bag, index: torch.Tensor) -> Bag:
+    """The instances ``index`` of ``bag`` in stored order (coords and groups follow)."""
+    index = index.sort().values
+    return replace(bag, features=bag.features[index], coords=None if bag.coords is None else bag.coords[index],
+                   groups=None if bag.groups is None else bag.groups[index])
 
 
 def epoch_order(labels, rng, balanced: bool = False):

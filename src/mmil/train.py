@@ -40,11 +40,12 @@ from torch import nn
 from . import ddp
 from .checkpoint import WEIGHTS_NAME, save_checkpoint
 from .config import TrainConfig
+from .data.bags import Bag
 from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, epoch_criterion, epoch_order, lr_factor
+from .recipe import ModelSelector, augment_bag, epoch_criterion, epoch_order, lr_factor, pseudo_bags
 from .rng import private_rng, seed_global_rng
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
@@ -239,24 +240,40 @@ class _FoldTrainer:
             group_size = min(cfg.accumulate, n - group_start)
             last = i - group_start + 1 == group_size
             bag = augment_bag(bag, derived_seed(cfg.seed, epoch, 6, step), cfg.instance_dropout, cfg.feature_noise)
-            with self.net.no_sync() if self.world > 1 and not last else contextlib.nullcontext():  # DDP all-reduces on the group's last bag
-                out = forward_bag(self.net, bag, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step), precision=cfg.precision)
-                loss = model.loss(out, torch.tensor([bag.label], device=self.device), self.weights)
-                if not torch.isfinite(loss):
-                    raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
-                (loss / group_size).backward()
+            loss, hit = self._bag_step(bag, epoch, step, group_size, last)
             if last:
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 self._set_lr(epoch, step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            correct += int(out.logits.argmax(-1).item() == bag.label)
+            losses.append(loss)
+            correct += hit
         if self.world > 1:  # the epoch's loss and accuracy over every rank's bags
             total, correct, n = ddp.sum_over_ranks([float(np.sum(losses)), correct, n], self.device)
             return {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n}
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": correct / n}
+
+    def _bag_step(self, bag: Bag, epoch: int, step: int, group_size: int, last: bool) -> tuple[float, int]:
+        """Forward and backward of one training bag, split into ``cfg.pseudo_bags`` pseudo-bags
+        (:func:`mmil.recipe.pseudo_bags`) whose losses are averaged. Returns the loss and whether the
+        averaged logits name the bag's class. Under DDP only the group's very last backward all-reduces."""
+        cfg = self.cfg
+        parts = pseudo_bags(bag, cfg.pseudo_bags, derived_seed(cfg.seed, epoch, 7, step))
+        target = torch.tensor([bag.label], device=self.device)
+        total, logits = 0.0, 0.0
+        for j, part in enumerate(parts):
+            sync = last and j == len(parts) - 1
+            with self.net.no_sync() if self.world > 1 and not sync else contextlib.nullcontext():  # DDP all-reduces on the group's last bag
+                out = forward_bag(self.net, part, device=self.device, seed=derived_seed(cfg.seed, epoch, 3, step, *([j] if j else [])),
+                                  precision=cfg.precision)
+                loss = self.model.loss(out, target, self.weights)
+                if not torch.isfinite(loss):
+                    raise MMILInputError(f"non-finite training loss at epoch {epoch} on bag {bag.slide_id!r}; lower --lr or use --precision fp32")
+                (loss / (group_size * len(parts))).backward()
+            total += float(loss.detach()) / len(parts)
+            logits = logits + out.logits.detach().float()
+        return total, int(logits.argmax(-1).item() == bag.label)
 
     def validate(self) -> dict[str, float]:
         """Validation loss (of the probabilities averaged over ``eval_repeats`` seeded passes), AUC and accuracy.
