@@ -66,15 +66,15 @@ MODELS = {"mmil": ("mmil", {"embed_dim": 128, "heads": 4, "head_dim": 32}),
           "mmil-512": ("mmil", {"embed_dim": 512, "heads": 8, "head_dim": 64})}
 
 
-def cohort(name: str, n_slides: int) -> BagDataset:
-    """The cohort's bags in memory (seed 0), with its oracle AUC where the generator knows it."""
+def cohort(name: str, n_slides: int, signal: float = 8.0) -> tuple[BagDataset, float | None]:
+    """The cohort's bags in memory (seed 0), and the AUC of the instance-level oracle where the generator knows it."""
     if name == "setting-c":
-        bags = synthetic_bags(n_slides, 0, in_dim=128, min_instances=150, max_instances=750, positive_fraction=(0.01, 0.03), signal=8.0)
-        return BagDataset.from_bags(bags)
-    from mmil.data.synth_camelyon import CamelyonLikeSpec, camelyon_like_slides
+        bags = synthetic_bags(n_slides, 0, in_dim=128, min_instances=150, max_instances=750, positive_fraction=(0.01, 0.03), signal=signal)
+        return BagDataset.from_bags(bags), None
+    from mmil.data.synth_camelyon import CamelyonLikeSpec, camelyon_like_slides, oracle_auc
 
-    rows = list(camelyon_like_slides(n_slides, 0, CamelyonLikeSpec(in_dim=64, signal=8.0, scale=0.05), 0.5, 1))
-    return BagDataset.from_bags([Bag(r[0], torch.from_numpy(r[3]), r[2]) for r in rows])
+    rows = list(camelyon_like_slides(n_slides, 0, CamelyonLikeSpec(in_dim=64, signal=signal, scale=0.05), 0.5, 1))
+    return BagDataset.from_bags([Bag(r[0], torch.from_numpy(r[3]), r[2]) for r in rows]), oracle_auc([r[2] for r in rows], [r[6] for r in rows])
 
 
 def run_one(data: BagDataset, n_train: int, model: str, variant: str, seed: int, epochs: int, work: Path) -> list[float]:
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=["default", "no-centring"], choices=tuple(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--signal", type=float, default=8.0, help="tumour signal of the cohort (lower: harder)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -117,22 +118,24 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = out / f"curves_{a.cohort}.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
-    data = cohort(a.cohort, a.slides)
+    data, oracle = cohort(a.cohort, a.slides, a.signal)
+    if oracle is not None:
+        print(f"{a.cohort}, signal {a.signal:g}: oracle AUC {oracle:.3f}", flush=True)
     curves: dict[tuple[str, str], list[list[float]]] = {}
     for model in a.models:
         for variant in a.variants:
             if variant in ("no-mask", "paper-width") and MODELS.get(model, (model,))[0] != "mmil":
                 continue
             for seed in a.seeds:
-                key = f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}"
+                key = f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}" + ("" if a.signal == 8.0 else f"|signal {a.signal:g}")
                 if key not in done:
                     t0 = time.perf_counter()
                     done[key] = run_one(data, a.train, model, variant, seed, a.epochs, out)
                     store.write_text(json.dumps(done))
                     print(f"{key}: late AUC {np.mean(done[key][-5:]):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 curves.setdefault((model, variant), []).append(done[key])
-    table = summarise(curves)
-    (out / f"ablation_{a.cohort}.md").write_text(table + "\n")
+    table = summarise(curves) + ("" if oracle is None else f"\n\nOracle AUC (instance-level, all {a.slides} slides): {oracle:.3f}")
+    (out / f"ablation_{a.cohort}{'' if a.signal == 8.0 else f'_signal{a.signal:g}'}.md").write_text(table + "\n")
     print(table)
     return 0
 
