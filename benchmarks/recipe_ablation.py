@@ -17,7 +17,8 @@ Variants (``--variants``, one change at a time against the default):
 * ``no-mask``: MMIL without sub-bag masking (``mask_ratio: 0``; other models skip it);
 * ``lr-5e-4``: learning rate 5e-4 instead of 2e-4;
 * ``paper-width``: MMIL at the paper's width (D = 512, 8 heads of 64; other models skip it);
-* ``pseudo-bags-4``: every training bag split into 4 random pseudo-bags carrying its label (DTFD-MIL's first tier).
+* ``pseudo-bags-4``: every training bag split into 4 random pseudo-bags carrying its label (DTFD-MIL's first tier);
+* ``average-0.8``: a moving average of the weights over epochs (decay 0.8, about the last 5 epochs) is validated.
 
 Models: any registered model; ``mmil`` runs at width 128 (4 heads of 32) on this CPU, ``mmil-512`` is
 ``mmil`` at the paper's width (its default). Say which when quoting.
@@ -60,6 +61,7 @@ VARIANTS = {
     "lr-5e-4": ({"lr": 5e-4}, {}),
     "paper-width": ({}, {"mmil": {"embed_dim": 512, "heads": 8, "head_dim": 64}}),
     "pseudo-bags-4": ({"pseudo_bags": 4}, {}),
+    "average-0.8": ({"weight_average": 0.8}, {}),
 }
 #: Benchmark names -> (registered model, its keyword arguments).
 MODELS = {"mmil": ("mmil", {"embed_dim": 128, "heads": 4, "head_dim": 32}),

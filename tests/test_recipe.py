@@ -132,6 +132,26 @@ def test_pseudo_bags_partition_the_bag(n, k):
         assert any(not torch.equal(a.features, b.features) for a, b in zip(parts, pseudo_bags(bag, k, seed=12)))
 
 
+def test_average_weights_closed_form_and_swap_restores():
+    from mmil.recipe import average_weights, weights_swapped
+
+    w = [{"w": torch.full((3,), float(e)), "n": torch.tensor(e)} for e in (1, 2, 4)]
+    a = None
+    for state in w:
+        a = average_weights(a, state, decay=0.75)
+    # a_3 = 0.75 (0.75 * 1 + 0.25 * 2) + 0.25 * 4 = 1.9375; the integer counter takes the last value
+    assert torch.allclose(a["w"], torch.full((3,), 1.9375)) and int(a["n"]) == 4
+    assert torch.equal(w[0]["w"], torch.ones(3))  # inputs untouched
+    model = torch.nn.Linear(2, 1)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    other = {k: torch.zeros_like(v) for k, v in own.items()}
+    with weights_swapped(model, other):
+        assert all(float(v.abs().sum()) == 0 for v in model.state_dict().values())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in own.items())
+    with weights_swapped(model, None):
+        assert torch.equal(model.weight, own["weight"])
+
+
 def test_epoch_order_shuffles_or_balances_the_classes():
     from scipy.stats import binomtest
 

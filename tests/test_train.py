@@ -185,6 +185,39 @@ def test_pseudo_bags_average_the_losses_of_the_parts(tmp_path):
     assert abs(whole.history[0]["train_loss"] - split.history[0]["train_loss"]) > 1e-4
 
 
+def test_weight_average_is_validated_kept_and_resumed(tmp_path):
+    """weight_average=0.5: a_3 = w_1/4 + w_2/4 + w_3/2 of the unchanged trajectory w_e; validation and the
+    checkpoint use the average; a run killed after epoch 2 resumes to the same average."""
+    ds = _easy(10)
+    train, val = ds.subset(range(8)), ds.subset(range(8, 10))
+    raw = []
+    for epochs in (1, 2, 3):  # the plain run, one epoch at a time (each call resumes the last)
+        train_fold(train, val, TOY, {}, _cfg(epochs=epochs), tmp_path / "raw")
+        raw.append({k[len("model/"):]: v for k, v in _last_model_state(tmp_path / "raw").items() if k.startswith("model/")})
+    averages = [raw[0], {k: (raw[0][k] + raw[1][k]) / 2 for k in raw[0]}, {k: (raw[0][k] + raw[1][k]) / 4 + raw[2][k] / 2 for k in raw[0]}]
+    res = train_fold(train, val, TOY, {}, _cfg(epochs=3, weight_average=0.5), tmp_path / "avg")
+    state = _last_model_state(tmp_path / "avg")
+    for k in raw[0]:
+        torch.testing.assert_close(state[f"model/{k}"], raw[2][k], rtol=1e-6, atol=1e-7)  # training itself unchanged
+        torch.testing.assert_close(state[f"average/{k}"], averages[2][k], rtol=1e-5, atol=1e-6)
+    kept = load_file(str(res.checkpoint_dir / "model.safetensors"))
+    for k in raw[0]:
+        torch.testing.assert_close(kept[k], averages[res.best_epoch - 1][k], rtol=1e-5, atol=1e-6)
+    model = create_model(TOY, in_dim=ds.in_dim, n_classes=2)
+    model.load_state_dict(averages[2])
+    probs = predict_probs(model, val, seed=derived_seed(0, 4), repeats=1).mean(0)
+    assert res.history[2]["val_loss"] == pytest.approx(nll_of_probs(probs, val.labels), rel=1e-5)
+
+    def kill_at_2(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(train, val, TOY, {}, _cfg(epochs=3, weight_average=0.5), tmp_path / "cut", callback=kill_at_2)
+    train_fold(train, val, TOY, {}, _cfg(epochs=3, weight_average=0.5), tmp_path / "cut")
+    assert state_equal(_last_model_state(tmp_path / "cut"), state)
+
+
 def test_benchmark_csv_standardized_with_training_statistics(tmp_path):
     rng = np.random.default_rng(0)
     lines = []

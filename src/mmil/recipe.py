@@ -7,13 +7,16 @@ Pure functions and one small state machine, so that each has closed-form tests:
   order kept) and Gaussian feature noise scaled by the bag's per-feature standard deviation.
 * :func:`pseudo_bags`: a bag split at random into K disjoint pseudo-bags that carry its label (DTFD-MIL's tier 1).
 * :func:`epoch_order`: the bags of an epoch, shuffled, or drawn class-balanced.
+* :func:`average_weights`, :func:`weights_swapped`: an exponential moving average of the weights over
+  epochs, validated and kept in place of the last epoch's weights.
 * :class:`ModelSelector`: which epoch's weights to keep and when to stop (see its docstring).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +112,32 @@ def epoch_order(labels, rng, balanced: bool = False):
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     p = 1.0 / (len(counts) * counts[inverse])
     return rng.choice(n, size=n, replace=True, p=p / p.sum())
+
+
+def average_weights(average: dict[str, torch.Tensor] | None, state: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
+    """The moving average of the weights after an epoch: ``a_1 = w_1``, ``a_e = decay a_(e-1) + (1 - decay) w_e``.
+
+    Floating tensors are averaged; integer ones (batch-norm counters) take the epoch's value. New
+    tensors are returned; ``state`` (a model's ``state_dict()``) is not changed.
+    """
+    if average is None:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return {k: torch.lerp(average[k].to(v.dtype), v.detach(), 1.0 - decay) if v.is_floating_point() else v.detach().clone()
+            for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def weights_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor] | None) -> Iterator[torch.nn.Module]:
+    """``model`` holding ``state`` inside the block (its own weights are restored after); ``None``: unchanged."""
+    if state is None:
+        yield model
+        return
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    try:
+        yield model
+    finally:
+        model.load_state_dict(own)
 
 
 @dataclass

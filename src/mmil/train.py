@@ -45,7 +45,7 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, epoch_criterion, epoch_order, lr_factor, pseudo_bags
+from .recipe import ModelSelector, augment_bag, average_weights, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
 from .rng import private_rng, seed_global_rng
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
@@ -56,6 +56,7 @@ from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES
     load_last_state,
     restore,
     save_last_state,
+    saved_average,
 )
 
 CHECKPOINT_DIRNAME = "checkpoint"
@@ -157,6 +158,7 @@ class _FoldState:
     train_seconds: float = 0.0
     stopped_early: bool = False
     standardization: tuple[np.ndarray, np.ndarray] | None = None
+    average: dict[str, torch.Tensor] | None = None  # the weights' moving average (cfg.weight_average > 0)
 
 
 class _FoldTrainer:
@@ -197,8 +199,8 @@ class _FoldTrainer:
             raise MMILInputError(f"{self.ckpt_dir}: best checkpoint missing beside the resume state; delete {self.state_path} to restart this fold")
         restore(self.model, self.optimizer, tensors, meta, self.state_path)
         standardization = (tensors["standardize/mean"].numpy(), tensors["standardize/std"].numpy()) if "standardize/mean" in tensors else None
-        return _FoldState(self._selector(**meta["early_stopping"]), list(meta["history"]),
-                          int(meta["epoch"]) + 1, float(meta["train_seconds"]), bool(meta["stopped_early"]), standardization)
+        return _FoldState(self._selector(**meta["early_stopping"]), list(meta["history"]), int(meta["epoch"]) + 1,
+                          float(meta["train_seconds"]), bool(meta["stopped_early"]), standardization, saved_average(tensors, self.device))
 
     def _selector(self, **state: Any) -> ModelSelector:
         """The model-selection rule of the recipe (``state``: a resumed run's saved values)."""
@@ -294,14 +296,15 @@ class _FoldTrainer:
         criterion, tiebreak, loss = epoch_criterion(self.cfg.selection, s.history, self.monitor, self.cfg.select_window)
         record["selection_criterion"] = criterion
         if s.stopper.update(epoch, criterion, tiebreak, loss) and self.rank == 0:  # only rank 0 writes
-            save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}),
-                            slides={"train": self.train_set.slide_ids, "val": [] if self.val_set is None else self.val_set.slide_ids})
+            with weights_swapped(self.model, s.average):  # the average is what was validated and is kept
+                save_checkpoint(self.ckpt_dir, self.model, self.model_name, self.full_kwargs, dict(ckpt_extra, epoch=epoch, **{self.monitor: monitored}),
+                                slides={"train": self.train_set.slide_ids, "val": [] if self.val_set is None else self.val_set.slide_ids})
         s.stopped_early = s.stopper.should_stop(epoch)
         s.start_epoch = epoch + 1
         meta = {"fingerprint": self.fingerprint, "epoch": epoch, "train_seconds": s.train_seconds, "history": s.history,
                 "stopped_early": s.stopped_early, "early_stopping": s.stopper.to_dict()}
         if self.rank == 0:
-            save_last_state(self.state_path, self.model, self.optimizer, meta, s.standardization)
+            save_last_state(self.state_path, self.model, self.optimizer, meta, s.standardization, s.average)
 
     def run(self, callback: Callable[[dict[str, Any]], None] | None) -> FoldTrainResult:
         s, cfg = self.state, self.cfg
@@ -321,8 +324,11 @@ class _FoldTrainer:
         for epoch in range(s.start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             record = self.train_epoch(epoch)
+            if cfg.weight_average > 0:
+                s.average = average_weights(s.average, self.model.state_dict(), cfg.weight_average)
             if self.val_set is not None:
-                record.update(self.validate())
+                with weights_swapped(self.model, s.average):
+                    record.update(self.validate())
             s.train_seconds += time.perf_counter() - t0
             record["seconds"] = time.perf_counter() - t0
             record["lr"] = self.optimizer.param_groups[0]["lr"]

@@ -22,6 +22,8 @@ from .errors import MMILInputError
 
 LAST_STATE_NAME = "last_state.safetensors"
 #: Options that may change between an interrupted run and its resumption.
+#: Prefix of the weights' moving average (``weight_average``) in the resume state.
+AVERAGE_PREFIX = "average/"
 RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers", "workers", "log_every", "tensorboard")
 
 
@@ -50,9 +52,11 @@ def fingerprint(model_name: str, model_kwargs: dict, cfg: TrainConfig, train_ids
     return json.loads(json.dumps({"model": model_name, "model_kwargs": model_kwargs, "train": recipe, "train_ids": train_ids, "val_ids": val_ids}, default=str))
 
 
-def save_last_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], standardization) -> None:
-    """Model + optimizer tensors and JSON metadata in one safetensors file, atomically."""
+def save_last_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], standardization,
+                    average: dict[str, torch.Tensor] | None = None) -> None:
+    """Model + optimizer tensors (and the weights' moving average, if any) and JSON metadata in one safetensors file, atomically."""
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update({f"{AVERAGE_PREFIX}{k}": v.detach().contiguous().cpu() for k, v in (average or {}).items()})
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in opt["state"].items():
@@ -103,3 +107,9 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[st
     for pid, scalars in meta.get("optimizer_scalars", {}).items():
         state.setdefault(int(pid), {}).update(scalars)
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+
+
+def saved_average(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The weights' moving average saved by :func:`save_last_state`, on ``device``, or ``None``."""
+    average = {k[len(AVERAGE_PREFIX):]: v.to(device) for k, v in tensors.items() if k.startswith(AVERAGE_PREFIX)}
+    return average or None
