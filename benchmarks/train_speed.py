@@ -4,6 +4,11 @@ Part 1, per model and bag size N (C = 64 features up to N = 800, C = 1024 at N =
 model options, one torch thread unless ``--threads``): the time of one training step (train-mode
 forward, cross-entropy via ``model.loss``, backward, the trainer's AdamW step: fused kernel) and of one inference
 forward (eval mode, no autograd), the minimum over ``--repeats`` interleaved runs, and their ratio.
+The FLOP-bound column: the step's floating-point operations as :class:`torch.utils.flop_counter.FlopCounterMode`
+counts them (matmuls, convolutions and attention, forward and backward; element-wise work and the
+optimizer are not counted) divided by the step time and by the machine's measured peak, the rate of one
+2048 x 2048 fp32 matmul in the same process and thread count: the share of the peak the step reaches.
+``--sizes 8 800 10000 50000`` adds the issue's largest bag (minutes per model on a CPU).
 TransMIL is also timed through the implementation before issue 12 (the references copied in
 ``tests/test_transmil_speed_equivalence.py``: the pseudo-inverse as 24 products under autograd, PPEG
 as three convolutions), same weights, same process: the speed-up is printed.
@@ -108,6 +113,22 @@ def timed(fns: dict, repeats: int) -> dict:
     return best
 
 
+def step_flops(step) -> int:
+    """Floating-point operations of one call of ``step`` (matmul-like ops, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def peak_flops(repeats: int, size: int = 2048) -> float:
+    """FLOP/s of one ``size`` x ``size`` fp32 matmul on DEVICE (2 size^3 operations), the fastest of ``repeats`` runs."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(DEVICE) for _ in range(2))
+    return 2 * size**3 / timed({"mm": lambda: a @ b}, max(3, repeats))["mm"]
+
+
 def transmil_as_before(model):
     """``model`` with the pre-issue-12 pseudo-inverse and PPEG (same weights)."""
     from test_transmil_speed_equivalence import reference_pinv, reference_ppeg_forward
@@ -119,8 +140,10 @@ def transmil_as_before(model):
 
 
 def part_steps(models: list[str], sizes: list[int], repeats: int) -> None:
-    print(f"\n## Training step vs inference forward (1 bag, fp32, {torch.get_num_threads()} thread(s); load {load()})")
-    print(f"{'model':<14} {'N':>6} {'C':>5} {'step ms':>9} {'fwd ms':>9} {'step/fwd':>8}")
+    peak = peak_flops(repeats)
+    print(f"\n## Training step vs inference forward (1 bag, fp32, {torch.get_num_threads()} thread(s); load {load()}; "
+          f"peak {peak / 1e9:.1f} GFLOP/s by a 2048^2 matmul)")
+    print(f"{'model':<14} {'N':>6} {'C':>5} {'step ms':>9} {'fwd ms':>9} {'step/fwd':>8} {'GFLOP/step':>10} {'% of peak':>9}")
     for n in sizes:
         c = 64 if n <= 800 else 1024
         x = _bag(n, c)
@@ -133,7 +156,9 @@ def part_steps(models: list[str], sizes: list[int], repeats: int) -> None:
                 old = transmil_as_before(create_model(name, in_dim=c, n_classes=2).to(DEVICE))
                 fns.update(old_step=step_fn(old, x), old_fwd=forward_fn(old, x))
             t = timed(fns, repeats if n < 10_000 else max(1, repeats // 2))
-            print(f"{name:<14} {n:>6} {c:>5} {t['step'] * 1e3:>9.1f} {t['fwd'] * 1e3:>9.1f} {t['step'] / t['fwd']:>8.2f}", flush=True)
+            flops = step_flops(fns["step"])
+            print(f"{name:<14} {n:>6} {c:>5} {t['step'] * 1e3:>9.1f} {t['fwd'] * 1e3:>9.1f} {t['step'] / t['fwd']:>8.2f} "
+                  f"{flops / 1e9:>10.3f} {100 * flops / t['step'] / peak:>8.1f}%", flush=True)
             if "old_step" in t:
                 print(f"{'  (before)':<14} {n:>6} {c:>5} {t['old_step'] * 1e3:>9.1f} {t['old_fwd'] * 1e3:>9.1f} {t['old_step'] / t['old_fwd']:>8.2f}"
                       f"   step speed-up {t['old_step'] / t['step']:.2f}x, forward {t['old_fwd'] / t['fwd']:.2f}x", flush=True)
