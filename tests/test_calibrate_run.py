@@ -192,3 +192,49 @@ def test_calibration_study_of_a_run(run):
     assert study["n_test"] == 16 and len(study["conformal"]) == 2 and len(study["folds"]) == 2
     assert set(study["error_auroc"]) == {"spread", "doubt", "uncertainty"}
     assert "| 0.5 | marginal |" in study_markdown(study, "tiny")
+
+
+def test_calibration_study_patient_coverage_against_a_naive_loop(run):
+    """Patient sets: mean slide probability per patient (softmax(log mean_r p / T)), split-conformal quantile
+    q = the ceil((n + 1)(1 - alpha))-th smallest validation-patient score, covered when 1 - p_y <= q."""
+    import csv
+    import json
+    import math
+
+    from mmil.calibrate_run import read_checkpoint_calibration
+    from mmil.calibration_study import study_markdown, study_run
+
+    data, out = run
+    case_of = {r["slide_id"]: r["case_id"] for r in csv.DictReader((data / "labels.csv").open())}
+    alpha = 0.5
+    study = study_run(out, alphas=(alpha,), case_of=case_of)
+    covered = {"patient": [], "slide": []}
+    for fold in sorted(out.glob("fold_*")):
+        r = json.loads((fold / "result.json").read_text())
+        calib = read_checkpoint_calibration(fold / "checkpoint")
+        t = calib["temperature"]
+
+        def soft(z):
+            z = np.asarray(z, dtype=np.float64) / t
+            e = np.exp(z - z.max())
+            return e / e.sum()
+
+        def per_patient(prob_rows, cases, labels):
+            groups = {}
+            for p, c, y in zip(prob_rows, cases, labels):
+                groups.setdefault(c, ([], y))[0].append(p)
+            return [(np.mean(ps, axis=0), y) for ps, y in groups.values()]
+
+        val_probs = [soft(z) for z in calib["logits"]]
+        test_probs = [soft(np.log(np.mean(np.asarray(r["probs_repeats"])[:, i], axis=0))) for i in range(len(r["y_true"]))]
+        test = per_patient(test_probs, [case_of[s] for s in r["slide_ids"]], r["y_true"])
+        for level, cases in (("patient", calib["case_ids"]), ("slide", [str(i) for i in range(len(val_probs))])):
+            scores = sorted(1 - p[y] for p, y in per_patient(val_probs, cases, calib["labels"]))
+            k = math.ceil((len(scores) + 1) * (1 - alpha))
+            q = scores[k - 1] if k <= len(scores) else math.inf
+            covered[level] += [1 - p[y] <= q + 1e-12 for p, y in test]
+    rows = {row["thresholds"]: row for row in study["patients"]}
+    assert rows["patient"]["patients"] == len(covered["patient"]) == 8  # 16 test slides, 2 per patient
+    for level in ("patient", "slide"):
+        assert rows[level]["coverage"] == pytest.approx(np.mean(covered[level]))
+    assert "validation patients" in study_markdown(study, "tiny")

@@ -3,7 +3,9 @@
 For every fold it reads the test probabilities of each repeat (``fold_k/result.json``) and the calibration
 stored in the fold's checkpoint, then pools over folds: conformal coverage (with its exact binomial interval),
 set size and abstention for several alphas, ECE before/after temperature scaling per fold, and the AUROC with
-which three uncertainty scores detect the slides the model gets wrong.
+which three uncertainty scores detect the slides the model gets wrong. Given each slide's patient
+(``case_of``), also the coverage of patient-level sets (:func:`mmil.calibrate_run.patient_sets`), with the
+thresholds of the validation patients and, for comparison, with the slide thresholds.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import beta
 
-from .calibrate_run import calibrated_probs, calibration_probs, read_checkpoint_calibration, repeat_spread
+from .calibrate_run import calibrated_probs, calibration_probs, patient_sets, read_checkpoint_calibration, repeat_spread
 from .calibration import conformal_scores, conformal_threshold, prediction_sets
 from .stats import binary_auc
 
@@ -55,8 +57,37 @@ def _fold(fold_dir: Path, alphas: Sequence[float]) -> dict[str, Any]:
             "calibration": r["metrics"].get("calibration")}
 
 
-def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> dict[str, Any]:
-    """Pooled out-of-fold conformal coverage, ECE per fold and error-detection AUROCs of one run directory."""
+def _patient_fold(fold_dir: Path, case_of: dict[str, str], alphas: Sequence[float]) -> dict[tuple[float, str], tuple[np.ndarray, np.ndarray]]:
+    """Per (alpha, threshold level): whether each test patient's marginal set covers its label, and the set sizes."""
+    r = json.loads((fold_dir / "result.json").read_text())
+    calib = read_checkpoint_calibration(fold_dir / "checkpoint")
+    t = float(calib["temperature"])
+    probs, y = calibrated_probs(np.asarray(r["probs_repeats"]), t), np.asarray(r["y_true"], dtype=np.int64)
+    cases = [case_of[str(sid)] for sid in r["slide_ids"]]
+    out = {}
+    for a in alphas:
+        for level, c in (("patient", calib), ("slide", dict(calib, case_ids=None))):
+            ps = patient_sets(c, t, probs, cases, a, labels=y)
+            out[(a, level)] = ps["sets"][np.arange(len(ps["labels"])), ps["labels"]], ps["sets"].sum(1)
+    return out
+
+
+def patient_coverage(run_dir: str | Path, case_of: dict[str, str], alphas: Sequence[float] = (0.05, 0.1, 0.2)) -> list[dict[str, Any]]:
+    """Pooled out-of-fold coverage of patient-level marginal sets, with patient and with slide thresholds."""
+    folds = [_patient_fold(d, case_of, alphas) for d in sorted(Path(run_dir).glob("fold_*")) if (d / "result.json").is_file()]
+    rows = []
+    for (a, level) in folds[0]:
+        covered = np.concatenate([f[(a, level)][0] for f in folds]).astype(int)
+        sizes = np.concatenate([f[(a, level)][1] for f in folds])
+        low, high = clopper_pearson(int(covered.sum()), len(covered))
+        rows.append({"alpha": a, "thresholds": level, "patients": len(covered), "coverage": float(covered.mean()), "ci95": [low, high],
+                     "mean_set_size": float(sizes.mean()), "abstention_rate": float((sizes != 1).mean())})
+    return rows
+
+
+def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2), case_of: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pooled out-of-fold conformal coverage, ECE per fold and error-detection AUROCs of one run directory
+    (and patient-level coverage when ``case_of`` maps slide ids to patients)."""
     run_dir = Path(run_dir)
     folds = [_fold(d, alphas) for d in sorted(run_dir.glob("fold_*")) if (d / "result.json").is_file()]
     y = np.concatenate([f["y"] for f in folds])
@@ -75,6 +106,8 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2)) -
     out["n_errors"] = int(err.sum())
     out["error_auroc"] = {name: binary_auc(err, np.concatenate([f[name] for f in folds])) for name in ("spread", "doubt", "uncertainty")}
     out["folds"] = [f["calibration"] for f in folds]
+    if case_of:
+        out["patients"] = patient_coverage(run_dir, case_of, alphas)
     return out
 
 
@@ -102,6 +135,11 @@ def study_markdown(study: dict[str, Any], name: str) -> str:
         lines.append(f"| {k} | {f['temperature']:.3f} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['brier_before']:.4f} | {f['brier_after']:.4f} |")
     mean = {key: np.mean([f[key] for f in study["folds"]]) for key in ("ece_before", "ece_after", "brier_before", "brier_after")}
     lines.append(f"| mean | | {mean['ece_before']:.4f} | {mean['ece_after']:.4f} | {mean['brier_before']:.4f} | {mean['brier_after']:.4f} |")
+    if study.get("patients"):
+        lines += ["", f"Patient level ({study['patients'][0]['patients']} test patients, marginal sets on the mean slide probability):", "",
+                  "| alpha | thresholds from | coverage | 95% binomial CI | mean set size | abstention |", "|---:|---|---:|---|---:|---:|"]
+        lines += [f"| {c['alpha']} | validation {c['thresholds']}s | {c['coverage']:.3f} | [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] | "
+                  f"{c['mean_set_size']:.3f} | {c['abstention_rate']:.3f} |" for c in study["patients"]]
     a = study["error_auroc"]
     if study["n_errors"] == 0:
         lines += ["", "Error-detection AUROC: not defined (no misclassified slide).", ""]
