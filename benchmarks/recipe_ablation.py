@@ -18,7 +18,11 @@ Variants (``--variants``, one change at a time against the default):
 * ``lr-5e-4``: learning rate 5e-4 instead of 2e-4;
 * ``paper-width``: MMIL at the paper's width (D = 512, 8 heads of 64; other models skip it);
 * ``pseudo-bags-4``: every training bag split into 4 random pseudo-bags carrying its label (DTFD-MIL's first tier);
-* ``average-0.8``: a moving average of the weights over epochs (decay 0.8, about the last 5 epochs) is validated.
+* ``average-0.8``: a moving average of the weights over epochs (decay 0.8, about the last 5 epochs) is validated;
+* ``no-average``: ``weight_average: 0`` (the last epoch's weights are validated).
+
+``--weight-average D`` sets the base of every variant (default: the toolkit's default); the tables of
+docs/benchmarks.md measured before weight averaging became the default are reproduced with ``--weight-average 0``.
 
 Models: any registered model; ``mmil`` runs at width 128 (4 heads of 32) on this CPU, ``mmil-512`` is
 ``mmil`` at the paper's width (its default). Say which when quoting.
@@ -62,6 +66,7 @@ VARIANTS = {
     "paper-width": ({}, {"mmil": {"embed_dim": 512, "heads": 8, "head_dim": 64}}),
     "pseudo-bags-4": ({"pseudo_bags": 4}, {}),
     "average-0.8": ({"weight_average": 0.8}, {}),
+    "no-average": ({"weight_average": 0.0}, {}),
 }
 #: Benchmark names -> (registered model, its keyword arguments).
 MODELS = {"mmil": ("mmil", {"embed_dim": 128, "heads": 4, "head_dim": 32}),
@@ -79,16 +84,24 @@ def cohort(name: str, n_slides: int, signal: float = 8.0) -> tuple[BagDataset, f
     return BagDataset.from_bags([Bag(r[0], torch.from_numpy(r[3]), r[2]) for r in rows]), oracle_auc([r[2] for r in rows], [r[6] for r in rows])
 
 
-def run_one(data: BagDataset, n_train: int, model: str, variant: str, seed: int, epochs: int, work: Path) -> list[float]:
+def run_one(data: BagDataset, n_train: int, model: str, variant: str, seed: int, epochs: int, work: Path, base: dict) -> list[float]:
     """Validation AUC after every epoch of one run (the toolkit's loop, no early stopping)."""
     train_over, kwargs_over = VARIANTS[variant]
-    cfg = TrainConfig(epochs=epochs, min_epochs=epochs, patience=epochs, seed=seed, progress=False, log_every=0, **train_over)
+    cfg = TrainConfig(epochs=epochs, min_epochs=epochs, patience=epochs, seed=seed, progress=False, log_every=0, **{**base, **train_over})
     centred = data.with_centering(resolve_centering(cfg, data))  # as cross_validate does
     name, kwargs = MODELS.get(model, (model, {}))
     kwargs = {**kwargs, **kwargs_over.get(name, {})}
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         res = train_fold(centred.subset(range(n_train)), centred.subset(range(n_train, len(data))), name, kwargs, cfg, tmp)
     return [float(h["val_auc"]) for h in res.history]
+
+
+def run_key(model: str, variant: str, seed: int, a: argparse.Namespace, base: dict) -> str:
+    """The cache key of one run; a weight average other than 0 (the default of the first runs) is part of it, except
+    in the variant that names it."""
+    average = TrainConfig(**{**base, **VARIANTS[variant][0]}).weight_average
+    return (f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}" + ("" if a.signal == 8.0 else f"|signal {a.signal:g}")
+            + ("" if average == 0 or variant == "average-0.8" else f"|wa {average:g}"))
 
 
 def summarise(curves: dict[tuple[str, str], list[list[float]]]) -> str:
@@ -113,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--signal", type=float, default=8.0, help="tumour signal of the cohort (lower: harder)")
+    p.add_argument("--weight-average", type=float, default=None, metavar="D", help="base weight_average of every variant (default: the toolkit's)")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -120,6 +134,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = out / f"curves_{a.cohort}.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
+    base = {} if a.weight_average is None else {"weight_average": a.weight_average}
     data, oracle = cohort(a.cohort, a.slides, a.signal)
     if oracle is not None:
         print(f"{a.cohort}, signal {a.signal:g}: oracle AUC {oracle:.3f}", flush=True)
@@ -129,10 +144,10 @@ def main(argv=None) -> int:
             if variant in ("no-mask", "paper-width") and MODELS.get(model, (model,))[0] != "mmil":
                 continue
             for seed in a.seeds:
-                key = f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}" + ("" if a.signal == 8.0 else f"|signal {a.signal:g}")
+                key = run_key(model, variant, seed, a, base)
                 if key not in done:
                     t0 = time.perf_counter()
-                    done[key] = run_one(data, a.train, model, variant, seed, a.epochs, out)
+                    done[key] = run_one(data, a.train, model, variant, seed, a.epochs, out, base)
                     store.write_text(json.dumps(done))
                     print(f"{key}: late AUC {np.mean(done[key][-5:]):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 curves.setdefault((model, variant), []).append(done[key])

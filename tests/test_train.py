@@ -27,7 +27,7 @@ def _easy(n=16, seed=0, dim=8, lo=20, hi=40, signal=8.0):
 
 
 RECIPE_V1 = dict(lr_schedule="constant", warmup_epochs=0.0, grad_clip=None, instance_dropout=0.0, feature_noise=0.0,
-                 selection="loss", select_min_epoch=1)
+                 selection="loss", select_min_epoch=1, weight_average=0.0)
 
 
 def _cfg(**kw):

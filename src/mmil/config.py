@@ -82,7 +82,7 @@ class TrainConfig(ConfigFile):
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
         weight_average: decay of a moving average of the weights over epochs, validated and kept
-            (:func:`mmil.recipe.average_weights`; 0 = off).
+            (:func:`mmil.recipe.average_weights`; 0 = off; 0.8 by default, measured in docs/benchmarks.md).
         pseudo_bags: split each training bag into this many random pseudo-bags carrying its label (:func:`mmil.recipe.pseudo_bags`).
         num_workers: DataLoader workers reading bags in the background.
         workers: folds (bench: folds x models) run in this many processes (:mod:`mmil.parallel`); does not change results.
@@ -126,8 +126,8 @@ class TrainConfig(ConfigFile):
                                   type=non_negative_float, cli=False)
     balanced_sampling: bool = option(False, help="draw each epoch's bags with replacement, every class equally often (CLAM's weighted "
                                      "sampler); off: each bag once, shuffled")
-    weight_average: float = option(0.0, help="validate and keep a moving average of the weights over epochs, a_e = D a_(e-1) + (1 - D) w_e, "
-                                   "instead of the last epoch's weights (0: off)", type=Range(float, 0, 1, high_open=True), metavar="D")
+    weight_average: float = option(0.8, help="validate and keep a moving average of the weights over epochs, a_e = D a_(e-1) + (1 - D) w_e, "
+                                   "instead of the last epoch's weights (0: off; 0.8 weighs about the last 5 epochs)", type=Range(float, 0, 1, high_open=True), metavar="D")
     pseudo_bags: int = option(1, help="split each training bag, every step, into K random pseudo-bags that carry its label "
                               "(DTFD-MIL; more, smaller training bags for small cohorts); 1: off", type=positive_int, metavar="K")
     num_workers: int = option(0, help="background workers reading bags", type=non_negative_int, metavar="N")
