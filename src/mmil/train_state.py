@@ -21,9 +21,9 @@ from .config import TrainConfig
 from .errors import MMILInputError
 
 LAST_STATE_NAME = "last_state.safetensors"
-#: Options that may change between an interrupted run and its resumption.
 #: Prefix of the weights' moving average (``weight_average``) in the resume state.
 AVERAGE_PREFIX = "average/"
+#: Options that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("epochs", "progress", "device", "num_workers", "workers", "log_every", "tensorboard")
 
 
