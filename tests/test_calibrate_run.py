@@ -238,3 +238,7 @@ def test_calibration_study_patient_coverage_against_a_naive_loop(run):
     for level in ("patient", "slide"):
         assert rows[level]["coverage"] == pytest.approx(np.mean(covered[level]))
     assert "validation patients" in study_markdown(study, "tiny")
+    from mmil.errors import MMILInputError
+
+    with pytest.raises(MMILInputError, match="no case_id in the label CSV"):
+        study_run(out, alphas=(alpha,), case_of={k: v for k, v in list(case_of.items())[1:]})

@@ -18,6 +18,7 @@ from scipy.stats import beta
 
 from .calibrate_run import calibrated_probs, calibration_probs, patient_sets, read_checkpoint_calibration, repeat_spread
 from .calibration import conformal_scores, conformal_threshold, prediction_sets
+from .errors import MMILInputError
 from .stats import binary_auc
 
 
@@ -63,6 +64,10 @@ def _patient_fold(fold_dir: Path, case_of: dict[str, str], alphas: Sequence[floa
     calib = read_checkpoint_calibration(fold_dir / "checkpoint")
     t = float(calib["temperature"])
     probs, y = calibrated_probs(np.asarray(r["probs_repeats"]), t), np.asarray(r["y_true"], dtype=np.int64)
+    missing = [str(sid) for sid in r["slide_ids"] if str(sid) not in case_of]
+    if missing:
+        raise MMILInputError(f"{fold_dir}: {len(missing)} test slide(s) have no case_id in the label CSV (e.g. {missing[0]!r}); "
+                             "pass the label CSV the run was trained with")
     cases = [case_of[str(sid)] for sid in r["slide_ids"]]
     out = {}
     for a in alphas:
