@@ -68,6 +68,8 @@ class TrainConfig(ConfigFile):
         eval_repeats: stochastic passes averaged for the validation loss.
         val_fraction: share of each training part held out for early stopping
             when the data has no validation split.
+        calib_fraction: share of each training fold held out for calibration only
+            (:func:`mmil.data.splits.with_calibration_sets`); 0 = calibrate on the validation bags.
         standardize: z-score features with statistics of the training bags;
             ``None`` = automatic (on for MIL-benchmark CSVs, whose features are
             raw measurements, off for slide features from an encoder).
@@ -106,6 +108,9 @@ class TrainConfig(ConfigFile):
     eval_repeats: int = option(1, help="stochastic passes averaged for the validation loss", type=positive_int, cli=False)
     val_fraction: float = option(0.15, help="share of each training fold held out for early stopping",
                                  type=Range(float, 0, 1, low_open=True, high_open=True), metavar="FRACTION")
+    calib_fraction: float = option(0.0, help="share of each training fold held out, untouched by training and early stopping, to fit the "
+                                   "temperature and the conformal thresholds (0: the validation slides do; docs/calibration.md)",
+                                   type=Range(float, 0, 1, high_open=True), metavar="FRACTION")
     standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
     center_slides: str = option("auto", help="subtract each slide's per-feature median from its instances before training and "
                                 "inference (auto: on for slide features, off for MIL-benchmark CSVs; turn it off where the label is a "

@@ -3,7 +3,7 @@
 Output directory layout::
 
     DIR/config.yaml, config.json     the experiment (reproduce the run from it)
-    DIR/folds.json                   slide ids of train/val/test per fold
+    DIR/folds.json                   slide ids of train/val/test (and calib) per fold
     DIR/fold_k/checkpoint/           best model of fold k (safetensors + JSON)
     DIR/fold_k/predictions.csv       slide_id[,case_id],label,prob_<class>..,pred_label (mean over repeats)
     DIR/fold_k/patient_predictions.csv  with case ids: case_id,n_slides,label,prob_<class>..,pred_label (patient mean)
@@ -28,9 +28,10 @@ from mmpl.fsio import remove_stale_temp_files
 from mmpl.jsonio import nan_from_null, to_builtin, write_json, write_text
 
 from .calibrate_run import calibrate_fold, fold_calibration_fields, plot_run_reliability, summarize_calibration
+from .checkpoint import load_checkpoint
 from .config import ExperimentConfig, TrainConfig
 from .data.dataset import BagDataset
-from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds
+from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds, with_calibration_sets
 from .errors import MMILInputError
 from .evaluate import METRIC_NAMES, mean_std, patient_predictions_csv, predict_probs, predictions_csv, repeated_metrics, resolve_device
 from .plots import plot_roc
@@ -51,8 +52,7 @@ class FoldOutcome:
         metrics: test metrics: means over repeats (``auc``, ...), their
             standard deviations (``auc_std``, ...), ``ensemble`` and per-repeat ``repeats``.
         train_seconds: training wall time.
-        slide_ids, y_true: test bags and their labels.
-        probs: ``(n_test, C)`` probabilities averaged over repeats.
+        slide_ids, y_true, probs: test bags, their labels and ``(n_test, C)`` probabilities averaged over repeats.
         checkpoint_dir: best model of the fold.
         n_train, n_val, n_test, best_epoch, epochs_run, stopped_early: bookkeeping.
     """
@@ -225,9 +225,10 @@ def _plan(dataset: BagDataset, cfg: TrainConfig, folds: int, seed: int, use_spli
         fold_ids=dataset.fold_ids if use_splits else None,
         predefined=predefined,
     )
+    plan = with_calibration_sets(plan, dataset.labels, cfg.calib_fraction, seed, dataset.case_ids)
     if dataset.case_ids is not None:
         for fs in plan:
-            check_no_patient_leakage(dataset.case_ids, fs.train, fs.val, fs.test)
+            check_no_patient_leakage(dataset.case_ids, fs.train, fs.val, fs.test, fs.calib)
     for fs in plan:
         if len(np.unique(dataset.labels[fs.train])) < 2:
             raise MMILInputError(f"fold {fs.fold}: the training part holds a single class; lower --folds or check the split")
@@ -361,16 +362,15 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
                          **({} if callback is None else {"callback": callback}))  # workers' epoch lines
     if cfg.workers == 1 and not ddp.is_writer():  # data-parallel under torchrun: rank 0 evaluates and writes
         return None
-    from .checkpoint import load_checkpoint
-
     with private_rng():  # building the model draws from the global RNG before the weights are loaded
         model, _ = load_checkpoint(trained.checkpoint_dir, map_location=resolve_device(cfg.device))
     if trained.standardization is not None:
         test = test.with_standardization(*trained.standardization)
     probs_r = predict_probs(model, test, seed=seed, repeats=repeats, device=cfg.device, precision=cfg.precision, progress=False)
     metrics = repeated_metrics(test.labels, probs_r)
-    val = dataset.subset(fs.val) if trained.standardization is None else dataset.subset(fs.val).with_standardization(*trained.standardization)
-    metrics["calibration"] = calibrate_fold(model, val, trained.checkpoint_dir, test.labels, probs_r, seed=seed, repeats=repeats,
+    cal = dataset.subset(fs.calibration)  # the calibration split, else the validation slides
+    cal = cal if trained.standardization is None else cal.with_standardization(*trained.standardization)
+    metrics["calibration"] = calibrate_fold(model, cal, trained.checkpoint_dir, test.labels, probs_r, seed=seed, repeats=repeats,
                                             device=cfg.device, precision=cfg.precision)
     probs = probs_r.mean(0)
     outcome = FoldOutcome(

@@ -7,7 +7,7 @@ they work on any dataset (or subset) alike.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,15 +18,23 @@ from ..errors import MMILInputError
 
 @dataclass
 class FoldSplit:
-    """Indices (into the full dataset) of one fold's train, validation and test bags."""
+    """Indices (into the full dataset) of one fold's train, validation and test bags, and of its
+    calibration bags (empty: the validation bags calibrate, see :func:`with_calibration_sets`)."""
 
     fold: int
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    calib: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def to_dict(self, slide_ids: Sequence[str]) -> dict:
-        return {name: [slide_ids[i] for i in getattr(self, name)] for name in ("train", "val", "test")} | {"fold": self.fold}
+        names = ("train", "val", "test") + (("calib",) if len(self.calib) else ())  # runs without one keep their plan
+        return {name: [slide_ids[i] for i in getattr(self, name)] for name in names} | {"fold": self.fold}
+
+    @property
+    def calibration(self) -> np.ndarray:
+        """The bags that fit the temperature and the conformal thresholds."""
+        return self.calib if len(self.calib) else self.val
 
 
 def kfold_indices(labels: np.ndarray, k: int, seed: int = 0, groups: Sequence[str] | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -168,3 +176,25 @@ def check_no_patient_leakage(groups: Sequence[str], *index_sets: np.ndarray) -> 
             g = groups[int(i)]
             if owners.setdefault(g, s) != s:
                 raise MMILInputError(f"patient {g!r} has slides in two parts of the split; patients must not cross train/val/test")
+
+
+def with_calibration_sets(plan: Sequence[FoldSplit], labels: np.ndarray, fraction: float, seed: int = 0,
+                          groups: Sequence[str] | None = None) -> list[FoldSplit]:
+    """Each fold with about ``fraction`` of its training fold (train + val) moved from ``train`` to ``calib``.
+
+    The calibration bags are neither trained on nor used to choose the kept epoch, so they are exchangeable
+    with the test bags, as split-conformal coverage assumes (the validation bags, which early stopping has
+    seen, are optimistic). Stratified and patient-level as :func:`holdout_indices`; ``fraction == 0`` returns
+    the plan unchanged.
+    """
+    if fraction == 0:
+        return list(plan)
+    out = []
+    for fs in plan:
+        share = fraction * (len(fs.train) + len(fs.val)) / max(len(fs.train), 1)  # of the training fold, taken from train
+        if not 0.0 < share < 1.0:
+            raise MMILInputError(f"--calib-fraction {fraction} leaves fold {fs.fold} no training bags; lower it or --val-fraction")
+        sub_groups = None if groups is None else [groups[i] for i in fs.train]
+        keep, hold = holdout_indices(np.asarray(labels)[fs.train], share, seed + 1000 + fs.fold, sub_groups)
+        out.append(replace(fs, train=fs.train[keep], calib=fs.train[hold]))
+    return out
