@@ -54,7 +54,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from mmil.config import TrainConfig  # noqa: E402
 from mmil.data import BagDataset  # noqa: E402
 from mmil.data.bags import Bag  # noqa: E402
-from mmil.data.synth import synthetic_bags  # noqa: E402
 from mmil.train import resolve_centering, train_fold  # noqa: E402
 
 VARIANTS = {
@@ -74,13 +73,14 @@ MODELS = {"mmil": ("mmil", {"embed_dim": 128, "heads": 4, "head_dim": 32}),
 
 
 def cohort(name: str, n_slides: int, signal: float = 8.0) -> tuple[BagDataset, float | None]:
-    """The cohort's bags in memory (seed 0), and the AUC of the instance-level oracle where the generator knows it."""
-    if name == "setting-c":
-        bags = synthetic_bags(n_slides, 0, in_dim=128, min_instances=150, max_instances=750, positive_fraction=(0.01, 0.03), signal=signal)
-        return BagDataset.from_bags(bags), None
+    """The cohort's bags in memory (seed 0), and the AUC of the instance-level oracle."""
+    from mmil.data.synth import SynthSpec, synthetic_slides
     from mmil.data.synth_camelyon import CamelyonLikeSpec, camelyon_like_slides, oracle_auc
 
-    rows = list(camelyon_like_slides(n_slides, 0, CamelyonLikeSpec(in_dim=64, signal=signal, scale=0.05), 0.5, 1))
+    if name == "setting-c":
+        rows = list(synthetic_slides(n_slides, 0, SynthSpec(128, 150, 750, (0.01, 0.03), signal), 0.5, 1))
+    else:
+        rows = list(camelyon_like_slides(n_slides, 0, CamelyonLikeSpec(in_dim=64, signal=signal, scale=0.05), 0.5, 1))
     return BagDataset.from_bags([Bag(r[0], torch.from_numpy(r[3]), r[2]) for r in rows]), oracle_auc([r[2] for r in rows], [r[6] for r in rows])
 
 

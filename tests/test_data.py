@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import h5py
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from mmil.data import load_dataset, mil_benchmark_path, read_label_csv
 from mmil.data.splits import check_no_patient_leakage, holdout_indices, kfold_indices, plan_folds
-from mmil.data.synth import _dataset_constants, synthetic_bags, write_synthetic_dataset
+from mmil.data.synth import SynthSpec, _dataset_constants, synthetic_bags, synthetic_slide, write_synthetic_dataset
 from mmil.errors import MMILInputError
 from mmil_toys import rng_features, write_csv, write_h5
 
@@ -385,3 +386,13 @@ def test_write_synthetic_dataset_is_readable(tmp_path):
         np.testing.assert_array_equal(ds[i].features.numpy(), b.features.numpy())
     with pytest.raises(MMILInputError, match="min-instances"):
         write_synthetic_dataset(tmp_path / "bad", n_slides=4, min_instances=10, max_instances=5)
+
+
+def test_default_preset_oracle_is_the_signal_without_noise_and_is_written(tmp_path):
+    prototypes, direction = _dataset_constants(2, 8)
+    spec = SynthSpec(8, 50, 50, (0.05, 0.05), 3.0, noise_std=0.0)  # residual = signal on tumour cells, 0 elsewhere
+    for positive in (False, True):
+        *_, oracle = synthetic_slide(np.random.default_rng(3), 50, positive, spec, prototypes, direction)
+        assert oracle == pytest.approx(3.0 if positive else 0.0, abs=1e-9)
+    out = write_synthetic_dataset(tmp_path / "o", n_slides=10, seed=2, in_dim=8, min_instances=50, max_instances=80, signal=8.0)
+    assert json.loads((out / "oracle.json").read_text())["oracle_auc"] == 1.0  # 8 sd above the noise: separable

@@ -111,7 +111,7 @@ class SynthOptions:
     positive_fraction: tuple[float, float] = option((0.01, 0.10), help="range of the tumour share of a positive slide's instances",
                                                     type=Range(float, 0, 1, low_open=True), nargs=2, metavar=("LO", "HI"))
     preset: str = option("default", help="default (the generator above) or camelyon-like (six tissue types, CAMELYON16-like tumour "
-                         "fractions, 1k-20k instances times --scale; writes oracle.json)", choices=("default", "camelyon-like"))
+                         "fractions, 1k-20k instances times --scale); both write oracle.json, the AUC of an instance-level oracle", choices=("default", "camelyon-like"))
     scale: float = option(1.0, help="camelyon-like: multiply the bag sizes (1k-20k) by this (e.g. 0.05 on a CPU)", type=positive_float)
 
 

@@ -91,8 +91,12 @@ def _dataset_constants(seed: int, in_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return prototypes, direction / np.linalg.norm(direction)
 
 
-def synthetic_slide(rng: np.random.Generator, n: int, positive: bool, spec: SynthSpec, prototypes: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One slide: ``(features (n, C) float32, coords (n, 2) int64 pixels, instance_labels (n,) uint8)``."""
+def synthetic_slide(rng: np.random.Generator, n: int, positive: bool, spec: SynthSpec, prototypes: np.ndarray,
+                    direction: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """One slide: ``(features (n, C) float32, coords (n, 2) int64 pixels, instance_labels (n,) uint8, oracle score)``.
+
+    The oracle knows the tissue prototypes, the stain and the tumour direction ``u``: its slide score is
+    ``max_i (x_i - prototype_i - stain) . u``, the largest projection of an instance's noise-plus-tumour residual."""
     cells = _tissue_cells(rng, n)
     n_regions = int(rng.integers(3, 8))
     seeds = cells[rng.choice(n, size=min(n_regions, n), replace=False)]
@@ -111,7 +115,8 @@ def synthetic_slide(rng: np.random.Generator, n: int, positive: bool, spec: Synt
             dist[tumour.astype(bool)] = np.inf  # foci do not overlap
             tumour[np.argsort(dist, kind="stable")[: len(share)]] = 1
         features[tumour.astype(bool)] += spec.signal * direction
-    return features.astype(np.float32), cells * spec.patch_size, tumour
+    oracle = float(((features - prototypes[region_type[region]] - stain) @ direction).max())
+    return features.astype(np.float32), cells * spec.patch_size, tumour, oracle
 
 
 def _slide_plan(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int):
@@ -136,13 +141,12 @@ def _slide_plan(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float,
     return plan
 
 
-def _slides(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int):
-    """``(slide_id, case_id, label, features, coords, tumour mask)`` of every slide, in order (``spec`` checked first)."""
+def synthetic_slides(n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int):
+    """``(slide_id, case_id, label, features, coords, tumour mask, oracle score)`` of every slide, in order (``spec`` checked first)."""
     spec.check()
     prototypes, direction = _dataset_constants(seed, spec.in_dim)
     for sid, case, label, n, rng in _slide_plan(n_slides, seed, spec, positive_rate, slides_per_case):
-        feats, coords, tumour = synthetic_slide(rng, n, bool(label), spec, prototypes, direction)
-        yield sid, case, label, feats, coords, tumour
+        yield sid, case, label, *synthetic_slide(rng, n, bool(label), spec, prototypes, direction)
 
 
 def synthetic_bags(
@@ -165,7 +169,7 @@ def synthetic_bags(
     """
     spec = SynthSpec(in_dim, min_instances, max_instances, tuple(positive_fraction), signal)
     bags, truth = [], []
-    for sid, case, label, feats, coords, tumour in _slides(n_slides, seed, spec, positive_rate, slides_per_case):
+    for sid, case, label, feats, coords, tumour, _ in synthetic_slides(n_slides, seed, spec, positive_rate, slides_per_case):
         bags.append(Bag(sid, torch.from_numpy(feats), label, torch.from_numpy(coords.astype(np.float32)), None, case))
         truth.append(tumour)
     return (bags, truth) if return_instance_labels else bags
@@ -192,8 +196,8 @@ def write_synthetic_dataset(
     ground-truth tumour mask) and ``out_dir/labels.csv`` (``slide_id,label,case_id``).
 
     ``preset="camelyon-like"`` uses :mod:`mmil.data.synth_camelyon` (bag sizes 1k-20k times
-    ``scale``; ``min_instances``, ``max_instances`` and ``positive_fraction`` are not used) and
-    also writes ``out_dir/oracle.json`` with the instance-level oracle's AUC.
+    ``scale``; ``min_instances``, ``max_instances`` and ``positive_fraction`` are not used). Both presets
+    write ``out_dir/oracle.json`` with the AUC of the instance-level oracle (how separable the cohort is).
     Each file is written atomically; ``labels.csv`` last. Returns ``out_dir``.
     """
     import h5py
@@ -221,10 +225,9 @@ def write_synthetic_dataset(
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["slide_id", "label", "case_id"])
     writer.writerows(rows)
-    if preset == "camelyon-like":
-        from .synth_camelyon import write_oracle
+    from .synth_camelyon import write_oracle
 
-        write_oracle(out_dir, [r[1] for r in rows], oracle, signal=signal, scale=scale, n_slides=n_slides, seed=seed)
+    write_oracle(out_dir, [r[1] for r in rows], oracle, preset=preset, signal=signal, scale=scale, n_slides=n_slides, seed=seed)
     write_text(out_dir / "labels.csv", buf.getvalue())
     return out_dir
 
@@ -247,12 +250,11 @@ def _check_write_options(spec: SynthSpec, n_slides: int, positive_rate: float, s
 
 
 def _preset_slides(preset: str, n_slides: int, seed: int, spec: SynthSpec, positive_rate: float, slides_per_case: int, scale: float):
-    """The slides of ``preset`` as ``(slide_id, case_id, label, features, coords, tumour, oracle score or None)``."""
+    """The slides of ``preset`` as ``(slide_id, case_id, label, features, coords, tumour, oracle score)``."""
     if preset == "camelyon-like":
         from .synth_camelyon import CamelyonLikeSpec, camelyon_like_slides
 
         cspec = CamelyonLikeSpec(in_dim=spec.in_dim, signal=spec.signal, scale=scale)
         yield from camelyon_like_slides(n_slides, seed, cspec, positive_rate, slides_per_case)
         return
-    for slide in _slides(n_slides, seed, spec, positive_rate, slides_per_case):
-        yield (*slide, None)
+    yield from synthetic_slides(n_slides, seed, spec, positive_rate, slides_per_case)

@@ -114,5 +114,5 @@ def write_oracle(out_dir, labels: list[int], scores: list[float], **settings) ->
     from mmpl.jsonio import write_json
 
     auc = oracle_auc(labels, scores)
-    write_json(Path(out_dir) / "oracle.json", {"preset": "camelyon-like", "oracle_auc": auc, **settings})
+    write_json(Path(out_dir) / "oracle.json", {"oracle_auc": auc, **settings})
     return auc
