@@ -66,7 +66,8 @@ def test_train_stores_the_temperature_and_reports_calibration(run):
     for k in range(2):
         calib = stored_calibration(json.loads((out / f"fold_{k}" / "checkpoint" / "config.json").read_text()))
         logits, y = np.asarray(calib["logits"]), np.asarray(calib["labels"])
-        assert calib["temperature"] == pytest.approx(fit_temperature(logits, y), rel=1e-6)
+        assert calib["temperature_prior_std"] == 1.0  # the default MAP fit
+        assert calib["temperature"] == pytest.approx(fit_temperature(logits, y, prior_std=1.0), rel=1e-6)
         assert len(calib["case_ids"]) == len(y) == len(calib["scores"]) == metrics["folds"][k]["n_val"]
         for key in ("temperature", "ece_before", "ece_after", "brier_before", "brier_after"):
             assert metrics["folds"][k][key] == pytest.approx(json.loads((out / f"fold_{k}" / "result.json").read_text())["metrics"]["calibration"][key])
@@ -242,3 +243,23 @@ def test_calibration_study_patient_coverage_against_a_naive_loop(run):
 
     with pytest.raises(MMILInputError, match="no case_id in the label CSV"):
         study_run(out, alphas=(alpha,), case_of={k: v for k, v in list(case_of.items())[1:]})
+
+
+def test_refitted_temperatures_reproduce_the_training_report_and_the_direct_fit(run, tmp_path):
+    """compare_temperature_priors refits T from the stored validation logits: under the prior training used it
+    gives the ECE/Brier that `mmil train` reported; under no prior, the plain maximum-likelihood fit."""
+    from mmil.calibration_study import compare_temperature_priors, priors_markdown
+    from mmil.errors import MMILInputError
+
+    _, out = run
+    metrics = json.loads((out / "metrics.json").read_text())
+    same, mle = compare_temperature_priors([out], [1.0, None])
+    assert same["folds"] == mle["folds"] == 2
+    for key in ("ece_before", "ece_after", "brier_before", "brier_after"):
+        assert same[key] == pytest.approx(metrics["calibration"][key], abs=1e-9)
+    direct = [fit_temperature(np.asarray(c["logits"]), np.asarray(c["labels"]))
+              for c in (stored_calibration(json.loads((out / f"fold_{k}" / "checkpoint" / "config.json").read_text())) for k in range(2))]
+    assert mle["median_temperature"] == pytest.approx(float(np.median(direct)), rel=1e-9)
+    assert "| maximum likelihood |" in priors_markdown([same, mle], "tiny")
+    with pytest.raises(MMILInputError, match="no finished fold"):
+        compare_temperature_priors([tmp_path])

@@ -32,6 +32,23 @@ def test_fit_temperature_recovers_the_generating_temperature():
     assert fit_temperature(logits, y) == pytest.approx(2.5, rel=0.1)
 
 
+def test_map_temperature_is_the_penalised_minimum_on_a_fine_grid():
+    logits, y = _sample(40, 3, 3.0, 2)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 4001))
+    for sigma in (0.25, 1.0):
+        objective = [40 * nll(logits, y, g) + np.log(g) ** 2 / (2 * sigma ** 2) for g in grid]
+        assert fit_temperature(logits, y, prior_std=sigma) == pytest.approx(grid[np.argmin(objective)], rel=2e-3)
+
+
+def test_prior_keeps_a_separable_set_from_driving_t_to_its_bound_and_fades_with_n():
+    logits = np.array([[2.0, 0.0], [0.0, 2.0]] * 5)  # 10 slides, all right with margin 2: the likelihood wants T -> 0
+    y = np.array([0, 1] * 5)
+    assert fit_temperature(logits, y) < 0.06  # the lower bound, 0.05, up to the search tolerance
+    assert 0.3 < fit_temperature(logits, y, prior_std=1.0) < 0.7  # 10 exp(-2/T) + (log T)^2 / 2 is least near T = 0.5
+    big, y_big = _sample(6000, 4, 2.5, 1)
+    assert fit_temperature(big, y_big, prior_std=1.0) == pytest.approx(fit_temperature(big, y_big), rel=0.01)
+
+
 def _naive_ece(probs, y, n_bins):
     conf, pred = probs.max(1), probs.argmax(1)
     order = sorted(range(len(y)), key=lambda i: (conf[i], i))

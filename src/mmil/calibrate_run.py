@@ -49,16 +49,17 @@ def repeat_spread(probs_r: np.ndarray) -> np.ndarray:
     return probs_r[:, np.arange(probs_r.shape[1]), pred].std(0)
 
 
-def fit_calibration(probs_r: np.ndarray, labels: np.ndarray, case_ids: Sequence[str] | None = None) -> dict[str, Any]:
-    """Temperature fitted on validation probabilities ``(R, n, C)`` and the validation data conformal sets need."""
+def fit_calibration(probs_r: np.ndarray, labels: np.ndarray, case_ids: Sequence[str] | None = None, prior_std: float | None = None) -> dict[str, Any]:
+    """Temperature fitted on validation probabilities ``(R, n, C)`` (:func:`~mmil.calibration.fit_temperature`,
+    ``prior_std``) and the validation data conformal sets need."""
     logits, y = repeat_logits(probs_r), np.asarray(labels, dtype=np.int64)
-    temperature = fit_temperature(logits, y)
-    return {"temperature": temperature, "logits": logits.tolist(), "labels": y.tolist(),
+    temperature = fit_temperature(logits, y, prior_std=prior_std)
+    return {"temperature": temperature, "temperature_prior_std": prior_std, "logits": logits.tolist(), "labels": y.tolist(),
             "scores": conformal_scores(apply_temperature(logits, temperature), y).tolist(),
             "case_ids": None if case_ids is None else [str(c) for c in case_ids]}
 
 
-def fit_fold_calibration(model, val, *, seed: int, repeats: int, device, precision: str) -> dict[str, Any] | None:
+def fit_fold_calibration(model, val, *, seed: int, repeats: int, device, precision: str, prior_std: float | None = None) -> dict[str, Any] | None:
     """:func:`fit_calibration` on a fold's validation slides, predicted as the test slides are (``seed``, ``repeats``);
     ``None`` without validation slides."""
     from .evaluate import predict_probs
@@ -66,7 +67,7 @@ def fit_fold_calibration(model, val, *, seed: int, repeats: int, device, precisi
     if val is None or len(val) == 0:
         return None
     probs_r = predict_probs(model, val, seed=seed, repeats=repeats, device=device, precision=precision)
-    return dict(fit_calibration(probs_r, val.labels, val.case_ids), repeats=repeats, seed=seed, slide_ids=list(val.slide_ids))
+    return dict(fit_calibration(probs_r, val.labels, val.case_ids, prior_std), repeats=repeats, seed=seed, slide_ids=list(val.slide_ids))
 
 
 def store_calibration(checkpoint_dir: str | Path, calibration: dict[str, Any]) -> None:
@@ -208,10 +209,10 @@ def read_checkpoint_calibration(checkpoint_dir: str | Path) -> dict[str, Any] | 
 
 # ----------------------------------------------------------------------------- cross-validation folds
 def calibrate_fold(model, val, checkpoint_dir: str | Path, y_test: np.ndarray, probs_r: np.ndarray, *, seed: int, repeats: int,
-                   device, precision: str) -> dict[str, float] | None:
-    """Fit T on the fold's validation slides, store it in the fold's checkpoint and report ECE/Brier of the
-    test probabilities ``probs_r`` before and after; ``None`` without validation slides."""
-    calib = fit_fold_calibration(model, val, seed=seed, repeats=repeats, device=device, precision=precision)
+                   device, precision: str, prior_std: float | None = None) -> dict[str, float] | None:
+    """Fit T on the fold's calibration (or validation) slides ``val``, store it in the fold's checkpoint and report
+    ECE/Brier of the test probabilities ``probs_r`` before and after; ``None`` without such slides."""
+    calib = fit_fold_calibration(model, val, seed=seed, repeats=repeats, device=device, precision=precision, prior_std=prior_std)
     if calib is None:
         return None
     store_calibration(checkpoint_dir, calib)

@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import beta
 
-from .calibrate_run import calibrated_probs, calibration_probs, patient_sets, read_checkpoint_calibration, repeat_spread
-from .calibration import conformal_scores, conformal_threshold, prediction_sets
+from .calibrate_run import calibrated_probs, calibration_probs, patient_sets, read_checkpoint_calibration, repeat_logits, repeat_spread
+from .calibration import (apply_temperature, brier_score, conformal_scores, conformal_threshold, expected_calibration_error, fit_temperature,
+                          nll, prediction_sets)
 from .errors import MMILInputError
 from .stats import binary_auc
 
@@ -114,6 +115,52 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2), c
     if case_of:
         out["patients"] = patient_coverage(run_dir, case_of, alphas)
     return out
+
+
+def _refit_fold(fold_dir: Path, priors: Sequence[float | None]) -> dict[float | None, tuple[float, ...]]:
+    """Per prior: (ECE, Brier, NLL) of the fold's test probabilities before and after the temperature refitted
+    on the stored validation logits under that prior, and T."""
+    r = json.loads((fold_dir / "result.json").read_text())
+    calib = read_checkpoint_calibration(fold_dir / "checkpoint")
+    z_val, y_val = np.asarray(calib["logits"]), np.asarray(calib["labels"], dtype=np.int64)
+    z, y = repeat_logits(np.asarray(r["probs_repeats"])), np.asarray(r["y_true"], dtype=np.int64)
+    raw = apply_temperature(z, 1.0)
+    out = {}
+    for prior in priors:
+        t = fit_temperature(z_val, y_val, prior_std=prior)
+        after = apply_temperature(z, t)
+        out[prior] = (expected_calibration_error(raw, y), expected_calibration_error(after, y), brier_score(raw, y), brier_score(after, y),
+                      nll(z, y), nll(z, y, t), t)
+    return out
+
+
+def compare_temperature_priors(run_dirs: Sequence[str | Path], priors: Sequence[float | None] = (None, 1.0)) -> list[dict[str, Any]]:
+    """Test-fold ECE, Brier score and NLL after temperatures refitted (no new inference) on every fold of
+    ``run_dirs`` under each prior std (``None``: maximum likelihood), with the number of folds on which ECE
+    and NLL did not worsen."""
+    folds = [_refit_fold(d, priors) for run in run_dirs for d in sorted(Path(run).glob("fold_*")) if (d / "result.json").is_file()]
+    if not folds:
+        raise MMILInputError(f"no finished fold (fold_*/result.json) under {', '.join(map(str, run_dirs))}")
+    rows = []
+    for prior in priors:
+        v = np.array([f[prior] for f in folds])
+        rows.append({"prior_std": prior, "folds": len(v), "ece_before": v[:, 0].mean(), "ece_after": v[:, 1].mean(),
+                     "ece_not_worse": int((v[:, 1] <= v[:, 0] + 1e-12).sum()), "brier_before": v[:, 2].mean(),
+                     "brier_after": v[:, 3].mean(), "nll_before": v[:, 4].mean(), "nll_after": v[:, 5].mean(),
+                     "nll_not_worse": int((v[:, 5] <= v[:, 4] + 1e-12).sum()), "median_temperature": float(np.median(v[:, 6]))})
+    return rows
+
+
+def priors_markdown(rows: list[dict[str, Any]], name: str) -> str:
+    """One table of :func:`compare_temperature_priors`."""
+    lines = [f"#### {name}: temperature fit ({rows[0]['folds']} folds)", "",
+             "| fit | median T | ECE raw -> scaled | folds ECE not worse | Brier raw -> scaled | NLL raw -> scaled | folds NLL not worse |",
+             "|---|---:|---|---:|---|---|---:|"]
+    for r in rows:
+        fit = "maximum likelihood" if r["prior_std"] is None else f"MAP, log T ~ N(0, {r['prior_std']:g}^2)"
+        lines.append(f"| {fit} | {r['median_temperature']:.3f} | {r['ece_before']:.4f} -> {r['ece_after']:.4f} | {r['ece_not_worse']} | "
+                     f"{r['brier_before']:.4f} -> {r['brier_after']:.4f} | {r['nll_before']:.4f} -> {r['nll_after']:.4f} | {r['nll_not_worse']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _ties_note(study: dict[str, Any]) -> str:

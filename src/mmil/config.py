@@ -70,6 +70,8 @@ class TrainConfig(ConfigFile):
             when the data has no validation split.
         calib_fraction: share of each training fold held out for calibration only
             (:func:`mmil.data.splits.with_calibration_sets`); 0 = calibrate on the validation bags.
+        temperature_prior: std of the prior log T ~ N(0, s^2) of the temperature fit
+            (:func:`mmil.calibration.fit_temperature`); ``None`` = maximum likelihood.
         standardize: z-score features with statistics of the training bags;
             ``None`` = automatic (on for MIL-benchmark CSVs, whose features are
             raw measurements, off for slide features from an encoder).
@@ -111,6 +113,9 @@ class TrainConfig(ConfigFile):
     calib_fraction: float = option(0.0, help="share of each training fold held out, untouched by training and early stopping, to fit the "
                                    "temperature and the conformal thresholds (0: the validation slides do; docs/calibration.md)",
                                    type=Range(float, 0, 1, high_open=True), metavar="FRACTION")
+    temperature_prior: float | None = option(1.0, help="std of the normal prior on log T when the temperature is fitted (a MAP fit that "
+                                             "keeps T near 1 on small calibration sets; null: maximum likelihood; docs/calibration.md)",
+                                             type=positive_float, cli=False)
     standardize: bool | None = option(None, help="z-score features with training-fold statistics (null: on for MIL-benchmark CSVs only)", cli=False)
     center_slides: str = option("auto", help="subtract each slide's per-feature median from its instances before training and "
                                 "inference (auto: on for slide features, off for MIL-benchmark CSVs; turn it off where the label is a "

@@ -371,7 +371,7 @@ def _run_fold(dataset: BagDataset, fs: FoldSplit, model_name: str, kwargs: dict[
     cal = dataset.subset(fs.calibration)  # the calibration split, else the validation slides
     cal = cal if trained.standardization is None else cal.with_standardization(*trained.standardization)
     metrics["calibration"] = calibrate_fold(model, cal, trained.checkpoint_dir, test.labels, probs_r, seed=seed, repeats=repeats,
-                                            device=cfg.device, precision=cfg.precision)
+                                            device=cfg.device, precision=cfg.precision, prior_std=cfg.temperature_prior)
     probs = probs_r.mean(0)
     outcome = FoldOutcome(
         # rounded as stored, so a resumed run sums the same per-fold values into the total
