@@ -96,6 +96,8 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2), c
     (and patient-level coverage when ``case_of`` maps slide ids to patients)."""
     run_dir = Path(run_dir)
     folds = [_fold(d, alphas) for d in sorted(run_dir.glob("fold_*")) if (d / "result.json").is_file()]
+    if not folds:
+        raise MMILInputError(f"{run_dir}: no finished fold (fold_*/result.json); give the directory of an `mmil train` run")
     y = np.concatenate([f["y"] for f in folds])
     out: dict[str, Any] = {"run": str(run_dir), "n_test": int(len(y)), "n_folds": len(folds),
                            "n_calibration_per_fold": [f["n_cal"] for f in folds], "conformal": [],
