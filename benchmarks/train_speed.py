@@ -5,8 +5,8 @@ model options, one torch thread unless ``--threads``): the time of one training 
 forward, cross-entropy via ``model.loss``, backward, the trainer's AdamW step: fused kernel) and of one inference
 forward (eval mode, no autograd), the minimum over ``--repeats`` interleaved runs, and their ratio.
 The FLOP-bound column: the step's floating-point operations as :class:`torch.utils.flop_counter.FlopCounterMode`
-counts them (matmuls, convolutions and attention, forward and backward; element-wise work and the
-optimizer are not counted) divided by the step time and by the machine's measured peak, the rate of one
+counts them (matmuls, convolutions, and attention on CUDA: torch 2.13's counter gives the CPU
+flash-attention kernel 0; forward and backward; element-wise work and the optimizer are not counted) divided by the step time and by the machine's measured peak, the rate of one
 2048 x 2048 fp32 matmul in the same process and thread count: the share of the peak the step reaches.
 ``--sizes 8 800 10000 50000`` adds the issue's largest bag (minutes per model on a CPU).
 TransMIL is also timed through the implementation before issue 12 (the references copied in
