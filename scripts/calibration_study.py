@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-
 import glob
+import json
 
 from mmil.calibration_study import compare_temperature_priors, priors_markdown, study_markdown, study_run
 

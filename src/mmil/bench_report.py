@@ -102,7 +102,7 @@ def summary_markdown(summary: Sequence[dict[str, Any]], cost: Sequence[dict[str,
         )
     lines += ["", "Ranked by mean AUC (ties: balanced accuracy). Std is the sample standard deviation over folds. "
               "ECE: adaptive-bin expected calibration error of the test probabilities, raw and after each fold's temperature "
-              "(fitted on its validation slides).", ""]
+              "(fitted on its calibration slides: the validation slides unless `calib_fraction` is set).", ""]
     if cost:
         sizes = sorted({int(r["n_instances"]) for r in cost})
         models = list(dict.fromkeys(r["model"] for r in cost))
