@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.stats import beta
 
-from .calibrate_run import calibrated_probs, calibration_probs, patient_sets, read_checkpoint_calibration, repeat_logits, repeat_spread
-from .calibration import (apply_temperature, brier_score, conformal_scores, conformal_threshold, expected_calibration_error, fit_temperature,
-                          nll, prediction_sets)
+from .calibrate_run import (calibrated_probs, calibration_probs, calibration_report, patient_sets, read_checkpoint_calibration,
+                            repeat_spread)
+from .calibration import conformal_scores, conformal_threshold, fit_temperature, prediction_sets
 from .errors import MMILInputError
 from .stats import binary_auc
 
@@ -119,21 +119,14 @@ def study_run(run_dir: str | Path, alphas: Sequence[float] = (0.05, 0.1, 0.2), c
     return out
 
 
-def _refit_fold(fold_dir: Path, priors: Sequence[float | None]) -> dict[float | None, tuple[float, ...]]:
-    """Per prior: (ECE, Brier, NLL) of the fold's test probabilities before and after the temperature refitted
-    on the stored validation logits under that prior, and T."""
+def _refit_fold(fold_dir: Path, priors: Sequence[float | None]) -> dict[float | None, dict[str, float]]:
+    """Per prior: :func:`mmil.calibrate_run.calibration_report` of the fold's test probabilities under the
+    temperature refitted on the stored validation logits with that prior."""
     r = json.loads((fold_dir / "result.json").read_text())
     calib = read_checkpoint_calibration(fold_dir / "checkpoint")
     z_val, y_val = np.asarray(calib["logits"]), np.asarray(calib["labels"], dtype=np.int64)
-    z, y = repeat_logits(np.asarray(r["probs_repeats"])), np.asarray(r["y_true"], dtype=np.int64)
-    raw = apply_temperature(z, 1.0)
-    out = {}
-    for prior in priors:
-        t = fit_temperature(z_val, y_val, prior_std=prior)
-        after = apply_temperature(z, t)
-        out[prior] = (expected_calibration_error(raw, y), expected_calibration_error(after, y), brier_score(raw, y), brier_score(after, y),
-                      nll(z, y), nll(z, y, t), t)
-    return out
+    probs_r, y = np.asarray(r["probs_repeats"]), np.asarray(r["y_true"], dtype=np.int64)
+    return {prior: calibration_report(y, probs_r, fit_temperature(z_val, y_val, prior_std=prior)) for prior in priors}
 
 
 def compare_temperature_priors(run_dirs: Sequence[str | Path], priors: Sequence[float | None] = (None, 1.0)) -> list[dict[str, Any]]:
@@ -145,11 +138,11 @@ def compare_temperature_priors(run_dirs: Sequence[str | Path], priors: Sequence[
         raise MMILInputError(f"no finished fold (fold_*/result.json) under {', '.join(map(str, run_dirs))}")
     rows = []
     for prior in priors:
-        v = np.array([f[prior] for f in folds])
-        rows.append({"prior_std": prior, "folds": len(v), "ece_before": v[:, 0].mean(), "ece_after": v[:, 1].mean(),
-                     "ece_not_worse": int((v[:, 1] <= v[:, 0] + 1e-12).sum()), "brier_before": v[:, 2].mean(),
-                     "brier_after": v[:, 3].mean(), "nll_before": v[:, 4].mean(), "nll_after": v[:, 5].mean(),
-                     "nll_not_worse": int((v[:, 5] <= v[:, 4] + 1e-12).sum()), "median_temperature": float(np.median(v[:, 6]))})
+        reports = [f[prior] for f in folds]
+        row: dict[str, Any] = {k: float(np.mean([r[k] for r in reports])) for k in reports[0] if k != "temperature"}
+        for name in ("ece", "nll"):
+            row[f"{name}_not_worse"] = int(sum(r[f"{name}_after"] <= r[f"{name}_before"] + 1e-12 for r in reports))
+        rows.append(row | {"prior_std": prior, "folds": len(reports), "median_temperature": float(np.median([r["temperature"] for r in reports]))})
     return rows
 
 
