@@ -22,6 +22,7 @@ import numpy as np
 from mmpl.config import differences
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
 
+from .config import with_legacy_train_values
 from .errors import MMILInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,10 +69,15 @@ def _comparable(record: Mapping[str, Any], models: set[str]) -> dict[str, Any]:
     kwargs = config.get("model_kwargs") or {}
     return {
         "data": {k: v for k, v in (record.get("data") or {}).items() if k != "source"},
-        "train": {k: v for k, v in (config.get("train") or {}).items() if k not in RUNTIME_TRAIN_KEYS},
+        "train": {k: v for k, v in with_legacy_train_values(config.get("train") or {}).items() if k not in RUNTIME_TRAIN_KEYS},
         **{k: config.get(k) for k in ("folds", "repeats", "seed", "use_splits")},
         "model_kwargs": {m: kwargs.get(m) or {} for m in sorted(models)},
     }
+
+
+def _with_legacy_train(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored fingerprint whose training settings name, for options added since, the values the run had."""
+    return {**stored, "train": with_legacy_train_values(stored["train"])} if isinstance(stored.get("train"), dict) else dict(stored)
 
 
 def state_differences(path: Path, fingerprint: Mapping[str, Any], prefix: str = "") -> list[str] | None:
@@ -79,7 +85,7 @@ def state_differences(path: Path, fingerprint: Mapping[str, Any], prefix: str = 
     state = _read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
         return None
-    return differences(state["fingerprint"], fingerprint, prefix)
+    return differences(_with_legacy_train(state["fingerprint"]), fingerprint, prefix)
 
 
 def _run_has_progress(run_dir: Path) -> bool:

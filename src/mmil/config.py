@@ -15,6 +15,7 @@ Each field declares its ``mmil train`` flag, help text and range once
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,24 @@ class TrainConfig(ConfigFile):
             raise MMILInputError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.center_slides not in CENTERINGS:
             raise MMILInputError(f"center_slides must be one of {', '.join(CENTERINGS)}, got {self.center_slides!r}")
+
+
+#: Training options added after runs were first stored, each with the value that reproduces how a run made before it
+#: existed trained and calibrated (the recipe of configs/mmil_recipe_v1.yaml, maximum-likelihood temperature).
+LEGACY_TRAIN_VALUES: dict[str, Any] = {
+    "center_slides": "none", "selection": "loss", "select_window": 3, "select_min_epoch": 1, "select_margin": 0.05,
+    "lr_schedule": "constant", "warmup_epochs": 0.0, "instance_dropout": 0.0, "feature_noise": 0.0,
+    "balanced_sampling": False, "weight_average": 0.0, "pseudo_bags": 1, "calib_fraction": 0.0, "temperature_prior": None,
+}
+
+
+def with_legacy_train_values(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run's training settings, every option the run predates set to its value then (:data:`LEGACY_TRAIN_VALUES`).
+
+    Resume checks compare stored settings through this, so a run written by an older version resumes under the settings
+    it ran with, and a refusal names the old value (``center_slides: none -> auto``) instead of "(unset)".
+    """
+    return {**LEGACY_TRAIN_VALUES, **stored}
 
 
 

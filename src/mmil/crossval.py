@@ -29,7 +29,7 @@ from mmpl.jsonio import nan_from_null, to_builtin, write_json, write_text
 
 from .calibrate_run import calibrate_fold, fold_calibration_fields, plot_run_reliability, summarize_calibration
 from .checkpoint import load_checkpoint
-from .config import ExperimentConfig, TrainConfig
+from .config import ExperimentConfig, TrainConfig, with_legacy_train_values
 from .data.dataset import BagDataset
 from .data.splits import FoldSplit, check_no_patient_leakage, plan_folds, with_calibration_sets
 from .errors import MMILInputError
@@ -148,8 +148,7 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
     d = json.loads(json.dumps(cfg, default=str))
     d.pop("features", None)
     d.pop("labels", None)
-    for k in RUNTIME_OPTIONS:
-        d.get("train", {}).pop(k, None)
+    d["train"] = {k: v for k, v in with_legacy_train_values(d.get("train", {})).items() if k not in RUNTIME_OPTIONS}
     return d
 
 
