@@ -83,6 +83,8 @@ class TrainConfig(ConfigFile):
         selection, select_window, select_min_epoch, select_margin: which epoch's weights are
             kept (:class:`mmil.recipe.ModelSelector`; ``selection="loss"``, ``select_min_epoch=1``
             is the recipe before issue 10).
+        wait_for_signal: with AUC selection, no early stop while the kept epoch's validation AUC is below
+            :func:`mmil.recipe.chance_auc_bound` of the validation labels (measured in docs/benchmarks.md).
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
@@ -127,6 +129,8 @@ class TrainConfig(ConfigFile):
     select_window: int = option(3, help="epochs over which the validation AUC is averaged for selection", type=positive_int, cli=False)
     select_min_epoch: int = option(5, help="an epoch before this one is kept only if better than every later one by select_margin",
                                    type=positive_int, cli=False)
+    wait_for_signal: bool = option(True, help="early stopping waits until the kept epoch's validation AUC beats what an uninformed model reaches by "
+                                   "chance (one-sided 5 %%): a run that has not started learning trains on to --epochs")
     select_margin: float = option(0.05, help="margin by which an epoch before select_min_epoch must win", type=non_negative_float, cli=False)
     lr_schedule: str = option("constant", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
                               choices=SCHEDULES, cli=False)
@@ -176,6 +180,7 @@ LEGACY_TRAIN_VALUES: dict[str, Any] = {
     "center_slides": "none", "selection": "loss", "select_window": 3, "select_min_epoch": 1, "select_margin": 0.05,
     "lr_schedule": "constant", "warmup_epochs": 0.0, "instance_dropout": 0.0, "feature_noise": 0.0,
     "balanced_sampling": False, "weight_average": 0.0, "pseudo_bags": 1, "calib_fraction": 0.0, "temperature_prior": None,
+    "wait_for_signal": False,
 }
 
 

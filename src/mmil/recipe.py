@@ -156,7 +156,9 @@ class ModelSelector:
       ``tiebreak_e > tiebreak_b`` (``tol`` = 1e-9 for AUC, 0 for the loss).
 
     Stopping: after ``patience`` epochs without a new best, once ``epoch >= min_epochs`` (CLAM's
-    convention). With ``selection="loss"``, ``min_epoch = 1`` this is exactly the old rule.
+    convention) and ``criterion_b >= floor`` (:func:`chance_auc_bound`: a run whose best epoch is no
+    better than chance has not started learning, and trains on). With ``selection="loss"``,
+    ``min_epoch = 1`` and no floor this is exactly the old rule.
     """
 
     patience: int
@@ -164,6 +166,7 @@ class ModelSelector:
     min_epoch: int = 1
     margin: float = 0.0
     tol: float = 0.0
+    floor: float = -math.inf
     best_criterion: float = -math.inf
     best_tiebreak: float = -math.inf
     best_epoch: int = 0
@@ -190,11 +193,32 @@ class ModelSelector:
         return False
 
     def should_stop(self, epoch: int) -> bool:
-        return self.counter >= self.patience and epoch >= self.min_epochs
+        return self.counter >= self.patience and epoch >= self.min_epochs and self.best_criterion >= self.floor
+
+    def waiting_for_signal(self, epoch: int) -> bool:
+        """Whether the stop rule would end the run at ``epoch`` but for the floor."""
+        return self.counter >= self.patience and epoch >= self.min_epochs and self.best_criterion < self.floor
 
     def to_dict(self) -> dict[str, Any]:
         return {"best_criterion": self.best_criterion, "best_tiebreak": self.best_tiebreak, "best_epoch": self.best_epoch,
                 "counter": self.counter, "best_loss": self.best_loss}
+
+
+def chance_auc_bound(labels: np.ndarray, z: float = 1.645) -> float:
+    """The validation AUC an uninformed model exceeds by chance with probability about ``Phi(-z)`` (5 % for 1.645).
+
+    Under H0 (scores independent of the labels, no ties) the Mann-Whitney AUC of ``n1`` positives and ``n0``
+    negatives has mean 1/2 and variance ``(n1 + n0 + 1) / (12 n1 n0)``; the bound is
+    ``1/2 + z sqrt((n + 1) / (12 n_k (n - n_k)))`` with ``n_k`` the smallest class (one-vs-rest: for more than two
+    classes the largest of the per-class variances, so the bound is conservative). ``-inf`` (no floor) when a class
+    is missing: the AUC is undefined and selection falls back to the loss.
+    """
+    labels = np.asarray(labels)
+    n = labels.size
+    n_k = min((int((labels == c).sum()) for c in np.unique(labels)), default=0)
+    if np.unique(labels).size < 2 or n_k == 0:
+        return -math.inf
+    return 0.5 + z * math.sqrt((n + 1) / (12 * n_k * (n - n_k)))
 
 
 def epoch_criterion(selection: str, history: list[dict[str, Any]], monitor: str, window: int) -> tuple[float, float, float]:

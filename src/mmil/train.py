@@ -45,7 +45,7 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, average_weights, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
+from .recipe import ModelSelector, augment_bag, chance_auc_bound, average_weights, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
 from .rng import private_rng, seed_global_rng
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
@@ -206,8 +206,9 @@ class _FoldTrainer:
         """The model-selection rule of the recipe (``state``: a resumed run's saved values)."""
         cfg = self.cfg
         auc = cfg.selection == "auc" and self.monitor == "val_loss"
+        floor = chance_auc_bound(self.val_set.labels) if auc and cfg.wait_for_signal else -math.inf
         return ModelSelector(cfg.patience, cfg.min_epochs, cfg.select_min_epoch, cfg.select_margin if auc else 0.0,
-                             1e-9 if auc else 0.0, **state)
+                             1e-9 if auc else 0.0, floor, **state)
 
     def _set_lr(self, epoch: int, step: int) -> None:
         """The scheduled learning rate of the optimiser step that ``step`` of ``epoch`` belongs to."""
@@ -321,6 +322,7 @@ class _FoldTrainer:
         if bar is not None:
             bar.update(s.start_epoch - 1)
         log = EpochLog(self.state_path.parent, cfg, f"{self.model_name} {self.state_path.parent.name}", s.start_epoch, enabled=self.rank == 0)
+        waited = False
         for epoch in range(s.start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             record = self.train_epoch(epoch)
@@ -334,6 +336,10 @@ class _FoldTrainer:
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             self.end_epoch(epoch, record, ckpt_extra)
             log.epoch(s.history, s.stopper.best_epoch, last=s.stopped_early or epoch == cfg.epochs)
+            if s.stopper.waiting_for_signal(epoch) and not waited and epoch < cfg.epochs:
+                waited = True
+                log.note(f"epoch {epoch}: early stopping deferred: the kept epoch's validation AUC {s.stopper.best_criterion:.3f} is not above "
+                         f"chance ({s.stopper.floor:.3f} needed); training on, at most to epoch {cfg.epochs} (train.wait_for_signal)")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("train_loss", "val_loss", "val_auc") and v is not None and not math.isnan(v)})

@@ -163,6 +163,13 @@ class EpochLog:
                     self.writer.add_scalar(name, v, int(record["epoch"]))
             self.writer.flush()
 
+    def note(self, text: str) -> None:
+        """One line on stderr (beside a progress bar, not through it)."""
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"{self.tag}: {text}", file=sys.stderr)
+
     def close(self, history: Sequence[dict[str, Any]], kept_epoch: int) -> None:
         """Write ``curves.png`` and close the TensorBoard writer."""
         if self.enabled and history:
