@@ -13,7 +13,8 @@ Variants (``--variants``, one change at a time against the default):
 
 * ``default``: the defaults (slide centring on: slide features);
 * ``no-centring``: ``center_slides: none``;
-* ``no-augment``: ``instance_dropout: 0, feature_noise: 0``;
+* ``no-augment``: ``instance_dropout: 0, feature_noise: 0`` (the default since it was measured; the default before);
+* ``augment``: ``instance_dropout: 0.25, feature_noise: 0.1`` (the default of the runs before that);
 * ``no-mask``: MMIL without sub-bag masking (``mask_ratio: 0``; other models skip it);
 * ``lr-5e-4``, ``lr-1e-3``: learning rate 5e-4 or 1e-3 instead of 2e-4;
 * ``paper-width``: MMIL at the paper's width (D = 512, 8 heads of 64; other models skip it);
@@ -61,6 +62,7 @@ VARIANTS = {
     "default": ({}, {}),
     "no-centring": ({"center_slides": "none"}, {}),
     "no-augment": ({"instance_dropout": 0.0, "feature_noise": 0.0}, {}),
+    "augment": ({"instance_dropout": 0.25, "feature_noise": 0.1}, {}),
     "no-mask": ({}, {"mmil": {"mask_ratio": 0.0}}),
     "lr-5e-4": ({"lr": 5e-4}, {}),
     "lr-1e-3": ({"lr": 1e-3}, {}),
@@ -112,11 +114,13 @@ def _curve(run: list[float] | dict[str, list[float]], key: str = "val_auc") -> l
 
 
 def run_key(model: str, variant: str, seed: int, a: argparse.Namespace, base: dict) -> str:
-    """The cache key of one run; a weight average other than 0 (the default of the first runs) is part of it, except
-    in the variant that names it."""
-    average = TrainConfig(**{**base, **VARIANTS[variant][0]}).weight_average
+    """The cache key of one run. Settings whose default changed since the first runs are part of it when they differ
+    from those runs' (weight average 0, augmentation 0.25 / 0.1), except in the variant that names them."""
+    cfg = TrainConfig(**{**base, **VARIANTS[variant][0]})
+    augment = (cfg.instance_dropout, cfg.feature_noise)
     return (f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}" + ("" if a.signal == 8.0 else f"|signal {a.signal:g}")
-            + ("" if average == 0 or variant == "average-0.8" else f"|wa {average:g}"))
+            + ("" if cfg.weight_average == 0 or variant == "average-0.8" else f"|wa {cfg.weight_average:g}")
+            + ("" if augment == (0.25, 0.1) or variant in ("no-augment", "augment") else f"|aug {augment[0]:g}/{augment[1]:g}"))
 
 
 def summarise(curves: dict[tuple[str, str], list]) -> str:
