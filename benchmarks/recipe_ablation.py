@@ -13,8 +13,9 @@ Variants (``--variants``, one change at a time against the default):
 
 * ``default``: the defaults (slide centring on: slide features);
 * ``no-centring``: ``center_slides: none``;
-* ``no-augment``: ``instance_dropout: 0, feature_noise: 0`` (the default since it was measured; the default before);
-* ``augment``: ``instance_dropout: 0.25, feature_noise: 0.1`` (the default of the runs before that);
+* ``no-augment``: ``instance_dropout: 0, feature_noise: 0``;
+* ``augment``: ``instance_dropout: 0.25, feature_noise: 0.1`` (the default, named: the same runs as ``default``
+  unless ``--weight-average`` or a later default changes the base);
 * ``no-mask``: MMIL without sub-bag masking (``mask_ratio: 0``; other models skip it);
 * ``lr-5e-4``, ``lr-1e-3``: learning rate 5e-4 or 1e-3 instead of 2e-4;
 * ``paper-width``: MMIL at the paper's width (D = 512, 8 heads of 64; other models skip it);
@@ -114,8 +115,8 @@ def _curve(run: list[float] | dict[str, list[float]], key: str = "val_auc") -> l
 
 
 def run_key(model: str, variant: str, seed: int, a: argparse.Namespace, base: dict) -> str:
-    """The cache key of one run. Settings whose default changed since the first runs are part of it when they differ
-    from those runs' (weight average 0, augmentation 0.25 / 0.1), except in the variant that names them."""
+    """The cache key of one run. Settings that differ from those of the first runs (weight average 0, augmentation
+    0.25 / 0.1) are part of it, except in the variant that names them, so cached runs stay valid if a default moves."""
     cfg = TrainConfig(**{**base, **VARIANTS[variant][0]})
     augment = (cfg.instance_dropout, cfg.feature_noise)
     return (f"{model}|{variant}|{seed}|{a.epochs}|{a.slides}|{a.train}" + ("" if a.signal == 8.0 else f"|signal {a.signal:g}")

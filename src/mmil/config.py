@@ -86,8 +86,7 @@ class TrainConfig(ConfigFile):
         wait_for_signal: with AUC selection, no early stop while the kept epoch's validation AUC is below
             :func:`mmil.recipe.chance_auc_bound` of the validation labels (measured in docs/benchmarks.md).
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
-        instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`); off by
-            default since it helped on no cohort measured (docs/benchmarks.md).
+        instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
         weight_average: decay of a moving average of the weights over epochs, validated and kept
             (:func:`mmil.recipe.average_weights`; 0 = off; 0.8 by default, measured in docs/benchmarks.md).
@@ -136,10 +135,9 @@ class TrainConfig(ConfigFile):
     lr_schedule: str = option("constant", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
                               choices=SCHEDULES, cli=False)
     warmup_epochs: float = option(0.0, help="linear learning-rate warm-up, in epochs", type=non_negative_float, cli=False)
-    instance_dropout: float = option(0.0, help="share of a bag's instances dropped at random in each training step (0: off, the default; "
-                                     "measured in docs/benchmarks.md)",
+    instance_dropout: float = option(0.25, help="share of a bag's instances dropped at random in each training step",
                                      type=Range(float, 0, 1, high_open=True), cli=False)
-    feature_noise: float = option(0.0, help="Gaussian feature noise per training step, in units of the bag's feature std (0: off, the default)",
+    feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
                                   type=non_negative_float, cli=False)
     balanced_sampling: bool = option(False, help="draw each epoch's bags with replacement, every class equally often (CLAM's weighted "
                                      "sampler); off: each bag once, shuffled")
