@@ -22,7 +22,7 @@ import numpy as np
 from mmpl.config import differences
 from mmpl.fsio import TEMP_SUFFIX, remove_stale_temp_files
 
-from .config import with_legacy_train_values
+from .config import with_legacy_fingerprint, with_legacy_train_values
 from .errors import MMILInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,17 +75,12 @@ def _comparable(record: Mapping[str, Any], models: set[str]) -> dict[str, Any]:
     }
 
 
-def _with_legacy_train(stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored fingerprint whose training settings name, for options added since, the values the run had."""
-    return {**stored, "train": with_legacy_train_values(stored["train"])} if isinstance(stored.get("train"), dict) else dict(stored)
-
-
 def state_differences(path: Path, fingerprint: Mapping[str, Any], prefix: str = "") -> list[str] | None:
     """Differences between the fingerprint stored in a state file and ``fingerprint``; ``None`` if there is none."""
     state = _read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict):
         return None
-    return differences(_with_legacy_train(state["fingerprint"]), fingerprint, prefix)
+    return differences(with_legacy_fingerprint(state["fingerprint"]), fingerprint, prefix)
 
 
 def _run_has_progress(run_dir: Path) -> bool:

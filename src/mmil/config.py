@@ -129,9 +129,9 @@ class TrainConfig(ConfigFile):
     select_window: int = option(3, help="epochs over which the validation AUC is averaged for selection", type=positive_int, cli=False)
     select_min_epoch: int = option(5, help="an epoch before this one is kept only if better than every later one by select_margin",
                                    type=positive_int, cli=False)
+    select_margin: float = option(0.05, help="margin by which an epoch before select_min_epoch must win", type=non_negative_float, cli=False)
     wait_for_signal: bool = option(True, help="early stopping waits until the kept epoch's validation AUC beats what an uninformed model reaches by "
                                    "chance (one-sided 5 %%): a run that has not started learning trains on to --epochs")
-    select_margin: float = option(0.05, help="margin by which an epoch before select_min_epoch must win", type=non_negative_float, cli=False)
     lr_schedule: str = option("constant", help="learning-rate schedule after the warm-up: constant or cosine (to 1% at the last epoch)",
                               choices=SCHEDULES, cli=False)
     warmup_epochs: float = option(0.0, help="linear learning-rate warm-up, in epochs", type=non_negative_float, cli=False)
@@ -192,6 +192,10 @@ def with_legacy_train_values(stored: Mapping[str, Any]) -> dict[str, Any]:
     """
     return {**LEGACY_TRAIN_VALUES, **stored}
 
+
+def with_legacy_fingerprint(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run fingerprint (a dict with a ``train`` part) with :func:`with_legacy_train_values` applied to it."""
+    return {**stored, "train": with_legacy_train_values(stored["train"])} if isinstance(stored.get("train"), dict) else dict(stored)
 
 
 @dataclass

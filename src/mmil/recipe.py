@@ -213,11 +213,10 @@ def chance_auc_bound(labels: np.ndarray, z: float = 1.645) -> float:
     classes the largest of the per-class variances, so the bound is conservative). ``-inf`` (no floor) when a class
     is missing: the AUC is undefined and selection falls back to the loss.
     """
-    labels = np.asarray(labels)
-    n = labels.size
-    n_k = min((int((labels == c).sum()) for c in np.unique(labels)), default=0)
-    if np.unique(labels).size < 2 or n_k == 0:
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    if counts.size < 2:
         return -math.inf
+    n, n_k = int(counts.sum()), int(counts.min())
     return 0.5 + z * math.sqrt((n + 1) / (12 * n_k * (n - n_k)))
 
 

@@ -45,7 +45,7 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, chance_auc_bound, average_weights, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
+from .recipe import ModelSelector, augment_bag, average_weights, chance_auc_bound, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
 from .rng import private_rng, seed_global_rng
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported

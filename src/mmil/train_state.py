@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import TrainConfig, with_legacy_train_values
+from .config import TrainConfig, with_legacy_fingerprint
 from .errors import MMILInputError
 
 LAST_STATE_NAME = "last_state.safetensors"
@@ -88,9 +88,7 @@ def load_last_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
 def check_fingerprint(path: Path, meta: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a resume state written by a run with other settings, naming what differs."""
-    stored = meta.get("fingerprint", {})
-    if isinstance(stored.get("train"), dict):  # a state written before some options existed: compared at their old values
-        stored = {**stored, "train": with_legacy_train_values(stored["train"])}
+    stored = with_legacy_fingerprint(meta.get("fingerprint", {}))  # options added since: compared at their old values
     if stored != expected:
         changed = sorted(k for k in expected if stored.get(k) != expected[k])
         raise MMILInputError(f"{path}: written by a run with other settings (differs in: {', '.join(changed)}); use a fresh output directory or delete it to restart")
