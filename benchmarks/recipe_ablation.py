@@ -21,7 +21,9 @@ Variants (``--variants``, one change at a time against the default):
 * ``paper-width``: MMIL at the paper's width (D = 512, 8 heads of 64; other models skip it);
 * ``pseudo-bags-4``: every training bag split into 4 random pseudo-bags carrying its label (DTFD-MIL's first tier);
 * ``average-0.8``: a moving average of the weights over epochs (decay 0.8, about the last 5 epochs) is validated;
-* ``no-average``: ``weight_average: 0`` (the last epoch's weights are validated).
+* ``no-average``: ``weight_average: 0`` (the last epoch's weights are validated);
+* ``negative-mix-0.5``, ``negative-mix-1``: ``negative_mix`` 0.5 or 1 (half or as many instances of a random negative
+  training slide inserted into every training bag, each step).
 
 ``--weight-average D`` sets the base of every variant (default: the toolkit's default); the tables of
 docs/benchmarks.md measured before weight averaging became the default are reproduced with ``--weight-average 0``.
@@ -71,6 +73,8 @@ VARIANTS = {
     "pseudo-bags-4": ({"pseudo_bags": 4}, {}),
     "average-0.8": ({"weight_average": 0.8}, {}),
     "no-average": ({"weight_average": 0.0}, {}),
+    "negative-mix-0.5": ({"negative_mix": 0.5}, {}),
+    "negative-mix-1": ({"negative_mix": 1.0}, {}),
 }
 #: Benchmark names -> (registered model, its keyword arguments).
 MODELS = {"mmil": ("mmil", {"embed_dim": 128, "heads": 4, "head_dim": 32}),

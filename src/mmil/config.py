@@ -87,6 +87,8 @@ class TrainConfig(ConfigFile):
             :func:`mmil.recipe.chance_auc_bound` of the validation labels (measured in docs/benchmarks.md).
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
+        negative_mix: insert ``round(f n)`` instances of a random negative (class 0) training bag into each training bag
+            of ``n`` (:func:`mmil.recipe.mix_in_negative`; two classes only; 0 = off).
         balanced_sampling: draw the epoch's bags class-balanced (:func:`mmil.recipe.epoch_order`).
         weight_average: decay of a moving average of the weights over epochs, validated and kept
             (:func:`mmil.recipe.average_weights`; 0 = off; 0.8 by default, measured in docs/benchmarks.md).
@@ -139,6 +141,9 @@ class TrainConfig(ConfigFile):
                                      type=Range(float, 0, 1, high_open=True), cli=False)
     feature_noise: float = option(0.1, help="Gaussian feature noise per training step, in units of the bag's feature std",
                                   type=non_negative_float, cli=False)
+    negative_mix: float = option(0.0, help="insert FRACTION x n instances of a random negative (class 0) training slide into every training "
+                                 "bag of n, each step, so that what a whole slide shares (stain, tissue mix) stops predicting its "
+                                 "label (two classes; 0: off; docs/benchmarks.md)", type=Range(float, 0, 4), metavar="FRACTION")
     balanced_sampling: bool = option(False, help="draw each epoch's bags with replacement, every class equally often (CLAM's weighted "
                                      "sampler); off: each bag once, shuffled")
     weight_average: float = option(0.8, help="validate and keep a moving average of the weights over epochs, a_e = D a_(e-1) + (1 - D) w_e, "
@@ -180,7 +185,7 @@ LEGACY_TRAIN_VALUES: dict[str, Any] = {
     "center_slides": "none", "selection": "loss", "select_window": 3, "select_min_epoch": 1, "select_margin": 0.05,
     "lr_schedule": "constant", "warmup_epochs": 0.0, "instance_dropout": 0.0, "feature_noise": 0.0,
     "balanced_sampling": False, "weight_average": 0.0, "pseudo_bags": 1, "calib_fraction": 0.0, "temperature_prior": None,
-    "wait_for_signal": False,
+    "wait_for_signal": False, "negative_mix": 0.0,
 }
 
 

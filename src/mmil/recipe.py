@@ -5,6 +5,8 @@ Pure functions and one small state machine, so that each has closed-form tests:
 * :func:`lr_factor`: linear warm-up, then constant or cosine decay, as a factor of the base rate.
 * :func:`augment_bag`: per-step instance dropout (a random subset of the bag's instances, stored
   order kept) and Gaussian feature noise scaled by the bag's per-feature standard deviation.
+* :func:`mix_in_negative`, :func:`negative_donors`: a training bag with a negative bag's instances inserted
+  (negative mixing: what a whole slide shares stops predicting its label).
 * :func:`pseudo_bags`: a bag split at random into K disjoint pseudo-bags that carry its label (DTFD-MIL's tier 1).
 * :func:`epoch_order`: the bags of an epoch, shuffled, or drawn class-balanced.
 * :func:`average_weights`, :func:`weights_swapped`: an exponential moving average of the weights over
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .data.bags import Bag
+from .errors import MMILInputError
 
 SCHEDULES = ("constant", "cosine")
 SELECTIONS = ("auc", "loss")
@@ -74,6 +77,56 @@ def augment_bag(bag: Bag, seed: int, instance_dropout: float = 0.0, feature_nois
         scale = x.float().std(dim=0, unbiased=False)
         x = x + feature_noise * scale * torch.randn(x.shape, generator=g, dtype=x.dtype)
     return replace(bag, features=x, coords=coords, groups=groups)
+
+
+def negative_donors(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Indices of the training bags negative mixing draws from: those of class 0, the negative class.
+
+    Raises :class:`MMILInputError` unless there are two classes and at least two negative bags (a negative bag is
+    mixed with another one, never with itself)."""
+    if n_classes != 2:
+        raise MMILInputError(f"--negative-mix needs two classes (class 0 = negative), the data have {n_classes}; set it to 0")
+    donors = np.flatnonzero(np.asarray(labels) == 0)
+    if len(donors) < 2:
+        raise MMILInputError(f"--negative-mix needs at least two negative (class 0) training bags, there are {len(donors)}; set it to 0")
+    return donors
+
+
+def pick_donor(donors: np.ndarray, index: int, seed: int) -> int:
+    """A uniformly random element of ``donors`` other than ``index`` (generator seeded by ``seed``)."""
+    others = donors[donors != index]
+    return int(others[np.random.default_rng(int(seed)).integers(len(others))])
+
+
+def mix_in_negative(bag: Bag, donor: Bag, fraction: float, seed: int) -> Bag:
+    """``bag`` with ``k = round(fraction * n)`` instances of the negative bag ``donor`` inserted at random positions.
+
+    The ``k`` donor instances are a uniformly random subset of its ``m`` instances (drawn with replacement when
+    ``k > m``), in stored order; the bag's own ``n`` instances all stay, in stored order, and the ``k`` insertion
+    slots among the ``n + k`` are uniformly random. Coords and groups are merged the same way (``None`` unless both
+    bags have them). Under the standard MIL assumption (a bag is positive iff it holds a positive instance) the
+    label stays right for either class. What changes is what all of a slide's instances share (stain, tissue mix):
+    positive bags now carry negative slides' background, so it stops telling the classes apart, which is what
+    an attention pool memorises on a small cohort (docs/benchmarks.md, setting B).
+    """
+    n, m = bag.num_instances, donor.num_instances
+    k = round(fraction * n)
+    if k == 0 or m == 0:
+        return bag
+    g = torch.Generator().manual_seed(int(seed))
+    picked = torch.randperm(m, generator=g)[:k].sort().values if k <= m else torch.randint(m, (k,), generator=g).sort().values
+    slots = torch.zeros(n + k, dtype=torch.bool)
+    slots[torch.randperm(n + k, generator=g)[:k]] = True
+
+    def merged(own: torch.Tensor | None, other: torch.Tensor | None) -> torch.Tensor | None:
+        if own is None or other is None:
+            return None
+        out = own.new_empty((n + k, *own.shape[1:]))
+        out[~slots], out[slots] = own, other[picked].to(own.dtype)
+        return out
+
+    return replace(bag, features=merged(bag.features, donor.features), coords=merged(bag.coords, donor.coords),
+                   groups=merged(bag.groups, donor.groups))
 
 
 def pseudo_bags(bag: Bag, k: int, seed: int) -> list[Bag]:

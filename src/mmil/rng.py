@@ -10,7 +10,13 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import numpy as np
 import torch
+
+
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed determined by ``parts`` (NumPy's ``SeedSequence`` hash)."""
+    return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0] % (2**31 - 1))
 
 
 def _cuda_index(device: torch.device | None) -> list[int]:

@@ -45,8 +45,9 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import ModelSelector, augment_bag, average_weights, chance_auc_bound, epoch_criterion, epoch_order, lr_factor, pseudo_bags, weights_swapped
-from .rng import private_rng, seed_global_rng
+from .recipe import (ModelSelector, augment_bag, average_weights, chance_auc_bound, epoch_criterion, epoch_order, lr_factor, mix_in_negative,
+                     negative_donors, pick_donor, pseudo_bags, weights_swapped)
+from .rng import derived_seed, private_rng, seed_global_rng  # noqa: F401 - derived_seed re-exported
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
     LAST_STATE_NAME,
@@ -88,11 +89,6 @@ class FoldTrainResult:
     best_loss: float = float("inf")
     monitor: str = "val_loss"
     standardization: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def derived_seed(*parts: int) -> int:
-    """A 31-bit seed determined by ``parts`` (NumPy's ``SeedSequence`` hash)."""
-    return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0] % (2**31 - 1))
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -169,6 +165,7 @@ class _FoldTrainer:
         self.train_set, self.val_set, self.model_name, self.cfg, self.device = dataset_train, dataset_val, model_name, cfg, device
         self.state_path, self.ckpt_dir = out_dir / LAST_STATE_NAME, out_dir / CHECKPOINT_DIRNAME
         self.weights = class_weight_vector(dataset_train.labels, dataset_train.n_classes) if cfg.class_weights else None
+        self.donors = negative_donors(dataset_train.labels, dataset_train.n_classes) if cfg.negative_mix > 0 else None
         kwargs = {k: v for k, v in model_kwargs.items() if k not in ("in_dim", "n_classes")}
         seed_global_rng(cfg.seed, device)
         try:
@@ -242,7 +239,7 @@ class _FoldTrainer:
             group_start = (i // cfg.accumulate) * cfg.accumulate
             group_size = min(cfg.accumulate, n - group_start)
             last = i - group_start + 1 == group_size
-            bag = augment_bag(bag, derived_seed(cfg.seed, epoch, 6, step), cfg.instance_dropout, cfg.feature_noise)
+            bag = self._augmented(bag, int(order[i]), epoch, step)
             loss, hit = self._bag_step(bag, epoch, step, group_size, last)
             if last:
                 if cfg.grad_clip is not None:
@@ -256,6 +253,14 @@ class _FoldTrainer:
             total, correct, n = ddp.sum_over_ranks([float(np.sum(losses)), correct, n], self.device)
             return {"epoch": epoch, "train_loss": total / n, "train_accuracy": correct / n}
         return {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": correct / n}
+
+    def _augmented(self, bag: Bag, index: int, epoch: int, step: int) -> Bag:
+        """Training step ``step``'s copy of training bag ``index``: negative mixing, then dropout and noise (:mod:`mmil.recipe`)."""
+        cfg = self.cfg
+        if self.donors is not None:
+            donor = self.train_set[pick_donor(self.donors, index, derived_seed(cfg.seed, epoch, 8, step))]
+            bag = mix_in_negative(bag, donor, cfg.negative_mix, derived_seed(cfg.seed, epoch, 9, step))
+        return augment_bag(bag, derived_seed(cfg.seed, epoch, 6, step), cfg.instance_dropout, cfg.feature_noise)
 
     def _bag_step(self, bag: Bag, epoch: int, step: int, group_size: int, last: bool) -> tuple[float, int]:
         """Forward and backward of one training bag, split into ``cfg.pseudo_bags`` pseudo-bags
