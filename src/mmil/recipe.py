@@ -245,12 +245,16 @@ class ModelSelector:
         self.counter += 1
         return False
 
+    def patience_spent(self, epoch: int) -> bool:
+        """``patience`` epochs without a new best, and ``epoch >= min_epochs``: the stop rule before the floor."""
+        return self.counter >= self.patience and epoch >= self.min_epochs
+
     def should_stop(self, epoch: int) -> bool:
-        return self.counter >= self.patience and epoch >= self.min_epochs and self.best_criterion >= self.floor
+        return self.patience_spent(epoch) and self.best_criterion >= self.floor
 
     def waiting_for_signal(self, epoch: int) -> bool:
         """Whether the stop rule would end the run at ``epoch`` but for the floor."""
-        return self.counter >= self.patience and epoch >= self.min_epochs and self.best_criterion < self.floor
+        return self.patience_spent(epoch) and self.best_criterion < self.floor
 
     def to_dict(self) -> dict[str, Any]:
         return {"best_criterion": self.best_criterion, "best_tiebreak": self.best_tiebreak, "best_epoch": self.best_epoch,
