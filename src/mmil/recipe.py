@@ -106,8 +106,8 @@ def mix_in_negative(bag: Bag, donor: Bag, fraction: float, seed: int) -> Bag:
     slots among the ``n + k`` are uniformly random. Coords and groups are merged the same way (``None`` unless both
     bags have them). Under the standard MIL assumption (a bag is positive iff it holds a positive instance) the
     label stays right for either class. What changes is what all of a slide's instances share (stain, tissue mix):
-    positive bags now carry negative slides' background, so it stops telling the classes apart, which is what
-    an attention pool memorises on a small cohort (docs/benchmarks.md, setting B).
+    positive bags now also carry negative slides' background, so that it no longer tells the classes apart (what an
+    attention pool memorises on a small cohort; measured a partial help on setting B, docs/benchmarks.md).
     """
     n, m = bag.num_instances, donor.num_instances
     k = round(fraction * n)
