@@ -1,6 +1,7 @@
 """Early stopping waits for a validation AUC above chance (``wait_for_signal``, :func:`mmil.recipe.chance_auc_bound`)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -12,7 +13,7 @@ from mmil.config import TrainConfig
 from mmil.data import BagDataset
 from mmil.data.bags import Bag
 from mmil.data.synth import synthetic_bags
-from mmil.recipe import ModelSelector, chance_auc_bound
+from mmil.recipe import ModelSelector, chance_auc_bound, signal_floor
 from mmil.train import train_fold
 from mmil_toys import naive_auc, register_toys
 
@@ -88,3 +89,30 @@ def test_a_run_at_chance_trains_to_the_last_epoch_and_says_why(tmp_path, capsys)
             break
     assert plain.epochs_run == stop and plain.stopped_early == (stop < 7)
     assert [h["val_loss"] for h in plain.history] == [h["val_loss"] for h in waited.history[:stop]]
+
+
+@pytest.mark.parametrize("n_pos,n_neg", [(1, 2), (2, 2), (1, 5)])
+def test_no_floor_where_even_a_perfect_ranking_is_within_chance(n_pos, n_neg):
+    labels = np.array([1] * n_pos + [0] * n_neg)
+    aucs = _null_auc_distribution(n_pos, n_neg)
+    # the exact null: a perfect ranking happens by chance with probability 1 / C(n, n_pos) > 5 %
+    assert (aucs == 1.0).mean() == pytest.approx(1 / math.comb(n_pos + n_neg, n_pos)) and (aucs == 1.0).mean() > 0.05
+    assert chance_auc_bound(labels) > 1.0
+    floor, note = signal_floor(labels)
+    assert floor == -math.inf and f"{n_pos + n_neg} validation slides" in note and f"({n_pos} in the smallest class)" in note
+
+
+def test_a_reachable_floor_is_the_bound_itself():
+    labels = np.array([1, 1, 0, 0, 0])  # bound 0.975: only AUC 1 (chance 1 / 10) beats it
+    assert signal_floor(labels) == (chance_auc_bound(labels), None) and chance_auc_bound(labels) < 1.0
+
+
+def test_a_tiny_validation_set_stops_by_the_plain_rule_and_says_why(tmp_path, capsys):
+    train = BagDataset.from_bags(synthetic_bags(12, seed=0, in_dim=8, min_instances=10, max_instances=20, signal=8.0))
+    tiny = _flat_validation(3)  # labels 0, 1, 0: AUC 0.5 every epoch, and no AUC could beat chance
+    # lr 1e-12 leaves float32 weights unchanged: a constant validation loss, so the plain rule stops at min_epochs
+    waited = train_fold(train, tiny, TOY, {}, dataclasses.replace(_cfg(True), lr=1e-12), tmp_path / "wait")
+    assert "wait_for_signal off for this fold: its 3 validation slides" in capsys.readouterr().err
+    plain = train_fold(train, tiny, TOY, {}, dataclasses.replace(_cfg(False), lr=1e-12), tmp_path / "plain")
+    assert waited.epochs_run == plain.epochs_run == 2 and waited.stopped_early and plain.stopped_early
+    assert [h["val_loss"] for h in waited.history] == [h["val_loss"] for h in plain.history]

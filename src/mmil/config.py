@@ -84,7 +84,8 @@ class TrainConfig(ConfigFile):
             kept (:class:`mmil.recipe.ModelSelector`; ``selection="loss"``, ``select_min_epoch=1``
             is the recipe before issue 10).
         wait_for_signal: with AUC selection, no early stop while the kept epoch's validation AUC is below
-            :func:`mmil.recipe.chance_auc_bound` of the validation labels (measured in docs/benchmarks.md).
+            :func:`mmil.recipe.chance_auc_bound` of the validation labels (measured in docs/benchmarks.md); off
+            for a validation set too small for any AUC to beat that bound (:func:`mmil.recipe.signal_floor`).
         lr_schedule, warmup_epochs: linear warm-up, then constant or cosine decay (:func:`mmil.recipe.lr_factor`).
         instance_dropout, feature_noise: bag augmentation per training step (:func:`mmil.recipe.augment_bag`).
         negative_mix: insert ``round(f n)`` instances of a random negative (class 0) training bag into each training bag

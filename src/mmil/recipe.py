@@ -277,6 +277,18 @@ def chance_auc_bound(labels: np.ndarray, z: float = 1.645) -> float:
     return 0.5 + z * math.sqrt((n + 1) / (12 * n_k * (n - n_k)))
 
 
+def signal_floor(labels: np.ndarray) -> tuple[float, str | None]:
+    """``(floor, note)`` of the wait rule: :func:`chance_auc_bound` of the validation labels, or ``-inf`` with a note
+    saying why when the bound exceeds 1. No AUC (at most 1) can then beat chance: a validation set that small (3 slides
+    of which 1 positive: bound 1.17) carries no signal to wait for, and waiting would train every run to ``epochs``."""
+    bound = chance_auc_bound(labels)
+    if bound <= 1.0:
+        return bound, None
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    return -math.inf, (f"train.wait_for_signal off for this fold: its {int(counts.sum())} validation slides "
+                       f"({int(counts.min())} in the smallest class) cannot show an AUC above chance ({bound:.2f} needed)")
+
+
 def epoch_criterion(selection: str, history: list[dict[str, Any]], monitor: str, window: int) -> tuple[float, float, float]:
     """``(criterion, tiebreak, loss)`` of the last epoch in ``history`` for :class:`ModelSelector`.
 

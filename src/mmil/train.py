@@ -45,8 +45,8 @@ from .data.dataset import KIND_BENCHMARK, BagDataset, feature_moments
 from .errors import MMILInputError
 from .evaluate import classification_metrics, forward_bag, predict_probs, resolve_device
 from .models import create_model
-from .recipe import (ModelSelector, augment_bag, average_weights, chance_auc_bound, epoch_criterion, epoch_order, lr_factor, mix_in_negative,
-                     negative_donors, pick_donor, pseudo_bags, weights_swapped)
+from .recipe import (ModelSelector, augment_bag, average_weights, epoch_criterion, epoch_order, lr_factor, mix_in_negative,
+                     negative_donors, pick_donor, pseudo_bags, signal_floor, weights_swapped)
 from .rng import derived_seed, private_rng, seed_global_rng  # noqa: F401 - derived_seed re-exported
 from .train_log import EpochLog
 from .train_state import (  # noqa: F401 - LAST_STATE_NAME and RESUMABLE_CHANGES re-exported
@@ -203,7 +203,7 @@ class _FoldTrainer:
         """The model-selection rule of the recipe (``state``: a resumed run's saved values)."""
         cfg = self.cfg
         auc = cfg.selection == "auc" and self.monitor == "val_loss"
-        floor = chance_auc_bound(self.val_set.labels) if auc and cfg.wait_for_signal else -math.inf
+        floor, self.floor_note = signal_floor(self.val_set.labels) if auc and cfg.wait_for_signal else (-math.inf, None)
         return ModelSelector(cfg.patience, cfg.min_epochs, cfg.select_min_epoch, cfg.select_margin if auc else 0.0,
                              1e-9 if auc else 0.0, floor, **state)
 
@@ -327,7 +327,9 @@ class _FoldTrainer:
         if bar is not None:
             bar.update(s.start_epoch - 1)
         log = EpochLog(self.state_path.parent, cfg, f"{self.model_name} {self.state_path.parent.name}", s.start_epoch, enabled=self.rank == 0)
-        waited = False
+        waited = self.floor_note is not None  # nothing to wait for: say so once
+        if waited:
+            log.note(self.floor_note)
         for epoch in range(s.start_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             record = self.train_epoch(epoch)
