@@ -85,6 +85,20 @@ def test_spectral_pinv_in_float64_algebra_matches_to_rounding():
     torch.testing.assert_close(torch.autograd.grad((new * weights).sum(), a)[0], torch.autograd.grad((ref * weights).sum(), a)[0], rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("m, absent, d, dtype", [(16, 4, 5, torch.float64), (24, 0, 8, torch.float64), (24, 5, 6, torch.float32)])
+def test_pinv_times_v_equals_the_iteration_times_v_and_its_gradients(m, absent, d, dtype):
+    # Z V without forming Z: values and the gradients of a and V against (reference iteration) @ V
+    a = _landmark_kernels(m, absent=absent, seed=m + d).to(dtype).requires_grad_()
+    v = torch.randn(2, 3, m, d, generator=torch.Generator().manual_seed(d), dtype=dtype).requires_grad_()
+    weights = torch.randn(2, 3, m, d, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    new, ref = spectral_newton_schulz_pinv(a, 6, v), reference_pinv(a, 6) @ v  # same input rounding: the norms' argmax ties
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert new.dtype == dtype
+    torch.testing.assert_close(new, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    for g_new, g_ref in zip(torch.autograd.grad((new * weights).sum(), (a, v)), torch.autograd.grad((ref * weights).sum(), (a, v))):
+        torch.testing.assert_close(g_new, g_ref, rtol=tol, atol=tol * float(g_ref.abs().max()))
+
+
 def test_scalar_recurrence_derivative_is_the_finite_difference():
     lam = torch.linspace(0.0, 2.0, 9, dtype=torch.float64)
     c = torch.tensor(0.4, dtype=torch.float64)
@@ -116,6 +130,7 @@ def _as_before(model: nn.Module) -> nn.Module:
     model.ppeg.forward = types.MethodType(reference_ppeg_forward, model.ppeg)
     for layer in (model.layer1, model.layer2):
         layer.attn.pinv = types.MethodType(lambda self, a: reference_pinv(a, self.pinv_iterations), layer.attn)
+        layer.attn.pinv_times = types.MethodType(lambda self, a, v: reference_pinv(a, self.pinv_iterations) @ v, layer.attn)
     return model
 
 

@@ -156,6 +156,10 @@ class NystromAttention(nn.Module):
         """``Z``: :func:`newton_schulz_pinv` of ``F2`` (a subclass may compute the same map faster)."""
         return newton_schulz_pinv(a, self.pinv_iterations)
 
+    def pinv_times(self, a: Tensor, v: Tensor) -> Tensor:
+        """``Z V`` for ``Z`` of :meth:`pinv` (a subclass may compute it without forming ``Z``)."""
+        return self.pinv(a) @ v
+
     def _split(self, t: Tensor) -> Tensor:
         B, M, _ = t.shape
         return t.view(B, M, self.heads, self.head_dim).transpose(1, 2)
@@ -183,10 +187,9 @@ class NystromAttention(nn.Module):
         f2 = masked_softmax((q_land @ k_land.transpose(-1, -2)) * scale, _bool_key_mask(land_mask))
         eye = torch.eye(m, dtype=f2.dtype, device=f2.device)
         f2 = torch.where(land_mask[:, None, :, None], f2, eye)
-        z = self.pinv(f2)
-
         f3v = F.scaled_dot_product_attention(q_land, k, v, attn_mask=_bool_key_mask(mask))
-        zf3v = (z @ f3v).masked_fill(~land_mask[:, None, :, None], 0.0)
+        z = self.pinv(f2) if return_first_row else None  # else Z F3 V without forming Z (a subclass may be faster)
+        zf3v = (self.pinv_times(f2, f3v) if z is None else z @ f3v).masked_fill(~land_mask[:, None, :, None], 0.0)
         dropout_p = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k_land, zf3v, attn_mask=_bool_key_mask(land_mask), dropout_p=dropout_p)
         out = self.to_out(out.transpose(1, 2).reshape(B, N, D))
