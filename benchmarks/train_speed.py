@@ -38,7 +38,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -131,12 +130,9 @@ def peak_flops(repeats: int, size: int = 2048) -> float:
 
 def transmil_as_before(model):
     """``model`` with the pre-issue-12 pseudo-inverse and PPEG (same weights)."""
-    from test_transmil_speed_equivalence import reference_pinv, reference_ppeg_forward
+    from test_transmil_speed_equivalence import _as_before
 
-    model.ppeg.forward = types.MethodType(reference_ppeg_forward, model.ppeg)
-    for layer in (model.layer1, model.layer2):
-        layer.attn.pinv = types.MethodType(lambda self, a: reference_pinv(a, self.pinv_iterations), layer.attn)
-    return model
+    return _as_before(model)
 
 
 def part_steps(models: list[str], sizes: list[int], repeats: int) -> None:
