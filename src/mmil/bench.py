@@ -145,7 +145,7 @@ def _train_fold_task(dataset, name: str, kwargs: dict[str, Any], train, run_dir:
 
 def train_in_workers(dataset, cfg: BenchConfig, out_dir: Path, data_fp: dict[str, Any], log: Callable[[str], None]) -> None:
     """``--workers K``: every fold of every unfinished model trained in ``K`` processes (:mod:`mmil.parallel`),
-    longest-first in table order; the sequential pass of :func:`run_bench` then reads them back, evaluates
+    handed out model by model in table order (fold by fold); the sequential pass of :func:`run_bench` then reads them back, evaluates
     and measures cost alone (timings are not taken while other folds train)."""
     from .crossval import _plan
 
