@@ -233,7 +233,7 @@ class PPEG(nn.Module):
         to_grid, to_tokens = grid_gather_index(sides, tokens.device)
         padded = torch.cat([zero_pads(tokens, token_mask), tokens.new_zeros(B, 1, D)], dim=1)
         grid = padded.gather(1, to_grid.unsqueeze(-1).expand(-1, -1, D))  # (B, hmax*hmax, D)
-        grid = grid.view(B, hmax, hmax, D).permute(0, 3, 1, 2)  # channels-last, no copy: its backward is ~2x faster on a CPU
+        grid = grid.view(B, hmax, hmax, D).permute(0, 3, 1, 2)  # channels-last, no copy: its backward is ~1.7x faster on a CPU
         weight, bias = self.merged_kernel()
         out = F.conv2d(grid, weight.to(grid.dtype), bias.to(grid.dtype), padding=3, groups=D)
         out = out.permute(0, 2, 3, 1).reshape(B, hmax * hmax, D)
